@@ -1,0 +1,20 @@
+"""moelora: router-based mixture-of-LoRA architectures for Hugging Face causal LMs.
+
+    import moelora
+    cfg = moelora.SMoRAConfig(r=64, k=8, alpha=16)
+    model = moelora.get_moelora_model(base_model, cfg)
+"""
+
+__version__ = "0.1.0"
+
+from .errors import BaseModelError, CheckpointError, ConfigError, DataError, MoeloraError  # noqa: E402
+from .methods import LoRAConfig, SMoRAConfig  # noqa: E402
+from .model import MoELoRAModel, get_moelora_model, load  # noqa: E402
+from .ops import rank_activation  # noqa: E402
+from .registry import METHODS, config_from_dict, get_method, register_method  # noqa: E402
+
+__all__ = [
+    "__version__", "MoeloraError", "ConfigError", "DataError", "CheckpointError", "BaseModelError",
+    "LoRAConfig", "SMoRAConfig", "MoELoRAModel", "get_moelora_model", "load", "rank_activation",
+    "METHODS", "config_from_dict", "get_method", "register_method",
+]

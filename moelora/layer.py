@@ -1,0 +1,174 @@
+"""`AdapterLayer`: the wrapper every method puts around a base linear projection.
+
+It runs the frozen base layer, then hands the flattened input and the base output to the method's
+`update`, which adds the routed low-rank term through `moelora.ops.rank_activation`. Both
+`nn.Linear` and GPT-2's `Conv1D` (weight stored transposed) are supported; the base layer is kept
+as `base_layer` so the model's own weights keep their names and load as before.
+
+Layers of one model share a `RoutingContext`: the model wrapper writes the padding mask of the
+current batch there, so routers can exclude padding from load counts and sequence means.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # transformers always has it today; keep the layer importable without it
+    Conv1D = ()
+
+
+class RoutingContext:
+    """Per-forward facts every adapted layer may need, set by `MoELoRAModel.forward`."""
+
+    def __init__(self):
+        self.token_mask: torch.Tensor | None = None  # [batch, seq] bool: True for real (non-pad) tokens
+
+    def flat_mask(self, n_tokens: int) -> torch.Tensor | None:
+        """The mask flattened to the layer's N tokens, or None when it does not describe this input
+        (no mask given, or a cached generation step whose input is shorter than the mask)."""
+        mask = self.token_mask
+        if mask is None or mask.numel() != n_tokens:
+            return None
+        return mask.reshape(-1)
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass, i.e. during gradient-checkpoint recomputation.
+
+    Router bookkeeping (load counts, statistics) must count each forward once; a checkpointed
+    layer is re-run inside backward and would otherwise be counted twice.
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
+def linear_dims(base: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a supported base projection."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if Conv1D and isinstance(base, Conv1D):
+        return base.weight.shape[0], base.weight.shape[1]
+    raise TypeError(f"cannot adapt {type(base).__name__}: only nn.Linear and transformers Conv1D are supported")
+
+
+def kaiming_uniform_(weight: torch.Tensor) -> None:
+    """LoRA's A init (as PEFT and the reference code): kaiming-uniform with a=sqrt(5), U(±1/sqrt(d_in))."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
+class AdapterLayer(nn.Module):
+    """Base linear + routed low-rank update. Subclasses define `update` and their parameters."""
+
+    method: str = ""
+    mergeable = False  # only methods whose update is input-independent may fold into W0
+
+    def __init__(self, base_layer: nn.Module, config, context: RoutingContext):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = linear_dims(base_layer)
+        self.config = config
+        self.context = context
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.adapter_enabled = True
+        self.track_stats = True
+
+    # --- the forward every method shares -------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if not self.adapter_enabled:
+            return out
+        flat_x = x.reshape(-1, self.in_features)
+        flat_out = out.reshape(-1, self.out_features)
+        dtype = self.lora_A.dtype  # adapters may be kept in fp32 under a bf16 base, as PEFT does
+        new = self.update(self.dropout(flat_x).to(dtype), flat_out.to(dtype))
+        return new.to(out.dtype).view(out.shape)
+
+    def update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Return `out` [N, d_out] plus the method's update for inputs `x` [N, d_in]."""
+        raise NotImplementedError
+
+    # --- hooks the model calls -----------------------------------------------------------------
+    def step_counts(self) -> torch.Tensor | None:
+        """Counts accumulated since the last optimizer step that need an all-reduce, or None."""
+        return None
+
+    def apply_step(self, counts: torch.Tensor) -> None:
+        """Called once per optimizer step with the all-reduced `step_counts()`."""
+
+    def stats(self) -> dict | None:
+        """Router utilisation since the last reset, or None for methods without a router."""
+        return None
+
+    def reset_stats(self) -> None:
+        pass
+
+    def delta_weight(self) -> torch.Tensor:
+        """The constant ΔW [d_out, d_in] for mergeable methods."""
+        raise NotImplementedError
+
+    def merge(self) -> nn.Module:
+        """Fold the update into the base weight and return the plain base layer."""
+        if not self.mergeable:
+            from .errors import MoeloraError
+
+            raise MoeloraError(
+                f"method '{self.method}' cannot be merged into the base weights: its routing depends on "
+                "the input, so there is no single ΔW to add (keep the adapter unmerged)"
+            )
+        with torch.no_grad():
+            delta = self.delta_weight().to(self.base_layer.weight.dtype)
+            if isinstance(self.base_layer, nn.Linear):
+                self.base_layer.weight += delta
+            else:  # Conv1D stores W transposed: [d_in, d_out]
+                self.base_layer.weight += delta.t()
+        return self.base_layer
+
+
+class RouterStats:
+    """Running load counts and gate entropy of one router, accumulated without gradients."""
+
+    def __init__(self, layer: AdapterLayer, n_experts: int):
+        self.n_experts = n_experts
+        layer.register_buffer("stat_load", torch.zeros(n_experts), persistent=False)
+        layer.register_buffer("stat_tokens", torch.zeros(()), persistent=False)
+        layer.register_buffer("stat_entropy", torch.zeros(()), persistent=False)
+        self.layer = layer
+
+    @torch.no_grad()
+    def record(self, selected: torch.Tensor, gates: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """selected: [N, k] expert ids; gates: [N, k] normalised weights; mask: [N] real tokens."""
+        if in_backward():
+            return
+        if mask is not None:
+            selected, gates = selected[mask], gates[mask]
+        layer = self.layer
+        layer.stat_load += torch.bincount(selected.flatten(), minlength=self.n_experts).to(layer.stat_load)
+        p = gates.float().clamp_min(1e-12)
+        p = p / p.sum(-1, keepdim=True)
+        layer.stat_entropy += -(p * p.log()).sum()
+        layer.stat_tokens += selected.shape[0]
+
+    def summary(self) -> dict:
+        layer = self.layer
+        load = layer.stat_load.float()
+        tokens = float(layer.stat_tokens)
+        total = float(load.sum())
+        frac = (load / total) if total > 0 else load
+        nz = frac[frac > 0]
+        load_entropy = float(-(nz * nz.log()).sum() / math.log(self.n_experts)) if self.n_experts > 1 and total > 0 else 0.0
+        return {
+            "tokens": int(tokens),
+            "load": [round(float(f), 6) for f in frac],
+            "load_entropy": load_entropy,  # 1.0 = perfectly balanced load over experts
+            "gate_entropy": float(layer.stat_entropy) / tokens if tokens else 0.0,  # mean per-token, nats
+            "max_load": float(frac.max()) if total > 0 else 0.0,
+            "dead": [i for i, c in enumerate(load.tolist()) if c == 0] if tokens else [],
+        }
+
+    def reset(self) -> None:
+        for name in ("stat_load", "stat_tokens", "stat_entropy"):
+            getattr(self.layer, name).zero_()

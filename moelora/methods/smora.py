@@ -1,0 +1,121 @@
+"""SMoRA: Single-Ranked Mixture of Experts LoRA (Zhao et al., arXiv 2501.15103; KDD 2026).
+
+Every one of the R ranks of a LoRA is an expert. Per token, a router scores all ranks, the top-k
+are activated and the rest skipped (DESIGN §4.1, the released code's form):
+
+    z = sigmoid(W_g x) + beta                 (gate_fn: sigmoid_norm; beta only in selection if
+    S = top-k(z)                               bias_in_gate is false)
+    g_j = z_j / sum_{S} z                     for j in S, 0 otherwise
+    y = W0 x + (alpha / k) * B diag(k * g) A x
+
+so each token's update is alpha times a convex combination of k rank-1 updates (per-rank weight 2
+at R=64, k=8, alpha=16, the same as LoRA-64 with alpha=128).
+
+Load balancing is loss-free: beta (a buffer, saved with the adapter) moves by u * sign(mean - count)
+once per optimizer step, from selection counts summed over micro-batches, all-reduced across
+processes, excluding padding, and never counted during gradient-checkpoint recomputation.
+Performance: the router and A read the same x, so one GEMM against [W_g; A] gives both (DESIGN §1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..config import MethodConfig
+from ..layer import AdapterLayer, RouterStats, in_backward, kaiming_uniform_
+from ..ops import rank_activation
+from ..registry import register_method
+
+
+@dataclasses.dataclass
+class SMoRAConfig(MethodConfig):
+    r: int = 64  # total ranks R = number of rank experts (the paper's SMoRA-64/8)
+    k: int = 8  # ranks activated per token: same activated rank as LoRA-8
+    alpha: float = 16.0  # scaling alpha/k with gates summing to k: per-rank weight 2 (= LoRA-64, alpha 128)
+    gate_fn: Literal["sigmoid_norm", "softmax_topk"] = "sigmoid_norm"  # released code: sigmoid, normalised over top-k
+    bias_in_gate: bool = True  # released code uses the biased scores as gate values too (DeepSeek: selection only)
+    bias_update_rate: float = 1e-5  # u in beta += u * sign(mean load - load); the reference's value
+
+    def validate(self) -> None:
+        super().validate()
+        if self.r < 1:
+            raise self.error("r", f"must be >= 1, got {self.r}")
+        if not 1 <= self.k <= self.r:
+            raise self.error("k", f"must be between 1 and r={self.r} (ranks activated out of r), got {self.k}")
+        if self.bias_update_rate < 0:
+            raise self.error("bias_update_rate", f"must be >= 0, got {self.bias_update_rate}")
+
+
+class SMoRALayer(AdapterLayer):
+    def __init__(self, base_layer, config: SMoRAConfig, context):
+        super().__init__(base_layer, config, context)
+        w = base_layer.weight
+        kw = dict(dtype=w.dtype, device=w.device)
+        r, d_in = config.r, self.in_features
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
+        self.router = nn.Parameter(torch.empty(r, d_in, **kw))
+        kaiming_uniform_(self.lora_A)
+        kaiming_uniform_(self.router)  # nn.Linear's default init, as the reference router
+        self.register_buffer("bias", torch.zeros(r, dtype=torch.float32, device=w.device))  # beta: saved
+        self.register_buffer("pending_counts", torch.zeros(r, dtype=torch.float32, device=w.device), persistent=False)
+        self.router_stats = RouterStats(self, r)
+        self.scaling = config.alpha / config.k
+
+    def route(self, logits: torch.Tensor):
+        """(selected rank ids [N, k], normalised gates [N, k]) from router logits [N, R]."""
+        cfg = self.config
+        bias = self.bias.to(logits.dtype)
+        if cfg.gate_fn == "sigmoid_norm":
+            scores = torch.sigmoid(logits)
+            biased = scores + bias
+            top, selected = biased.topk(cfg.k, dim=-1)
+            values = top if cfg.bias_in_gate else scores.gather(1, selected)
+            return selected, values / values.sum(-1, keepdim=True)
+        biased = logits + bias
+        top, selected = biased.topk(cfg.k, dim=-1)
+        values = top if cfg.bias_in_gate else logits.gather(1, selected)
+        return selected, torch.softmax(values, dim=-1)
+
+    def update(self, x, out):
+        r = self.config.r
+        # One GEMM for router logits and the shrink H = x A^T.
+        logits, h = (x @ torch.cat([self.router, self.lora_A]).t()).split(r, dim=-1)
+        selected, gates = self.route(logits)
+        self._count(selected, gates)
+        k = self.config.k
+        return rank_activation(x, self.lora_A, self.lora_B, selected, selected, gates * k, self.scaling, h=h, out=out)
+
+    @torch.no_grad()
+    def _count(self, selected, gates):
+        if in_backward():  # checkpoint recomputation: this forward was already counted
+            return
+        mask = self.context.flat_mask(selected.shape[0])
+        if self.training:
+            real = selected if mask is None else selected[mask]
+            self.pending_counts += torch.bincount(real.flatten(), minlength=self.config.r).to(self.pending_counts)
+        if self.track_stats:
+            self.router_stats.record(selected, gates, mask)
+
+    # --- once per optimizer step -------------------------------------------------------------
+    def step_counts(self):
+        return self.pending_counts
+
+    @torch.no_grad()
+    def apply_step(self, counts):
+        if counts.sum() > 0:  # a step that routed no token carries no load signal
+            self.bias += self.config.bias_update_rate * torch.sign(counts.mean() - counts)
+        self.pending_counts.zero_()
+
+    def stats(self):
+        return self.router_stats.summary()
+
+    def reset_stats(self):
+        self.router_stats.reset()
+
+
+register_method("smora", SMoRAConfig, SMoRALayer)

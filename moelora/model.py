@@ -1,0 +1,253 @@
+"""`MoELoRAModel`: a frozen HF causal LM with one method's adapter layers injected (DESIGN §2).
+
+    model = get_moelora_model(base, SMoRAConfig(r=64, k=8))   # freeze, inject, wrap
+    model.save_pretrained("out/")                              # moelora_config.json + safetensors + manifest
+    model = MoELoRAModel.from_pretrained(base, "out/")         # also reads plain PEFT LoRA folders
+    model, tokenizer = load("out/")                            # base resolved from the manifest
+
+The wrapper forwards everything else (generate, config, gradient checkpointing) to the base model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import atomic_dir, check_fingerprint, fingerprint, load_tensors, read_json, save_tensors, write_json
+from .config import suggest
+from .errors import CheckpointError, ConfigError
+from .layer import AdapterLayer, RoutingContext, linear_dims
+from .registry import config_from_dict, get_method
+
+CONFIG_NAME = "moelora_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+MANIFEST_NAME = "manifest.json"
+
+
+def _is_adaptable(module: nn.Module) -> bool:
+    try:
+        linear_dims(module)
+        return True
+    except TypeError:
+        return False
+
+
+def find_targets(model: nn.Module, target_modules) -> list[str]:
+    """Names of the linear projections `target_modules` selects (PEFT's matching rules)."""
+    candidates = [n for n, m in model.named_modules() if n and _is_adaptable(m)]
+    if isinstance(target_modules, str):
+        names = [n for n in candidates if re.fullmatch(target_modules, n)]
+    else:
+        wanted = set(target_modules)
+        names = [n for n in candidates if n.split(".")[-1] in wanted]
+        leaves = {n.split(".")[-1] for n in candidates}
+        for t in wanted - leaves:
+            raise ConfigError("method.target_modules", f"no linear layer named '{t}' in this model"
+                              f"{suggest(t, leaves)}; available: {', '.join(sorted(leaves))}")
+    if not names:
+        raise ConfigError("method.target_modules", f"{target_modules!r} matched no linear layer")
+    return names
+
+
+class MoELoRAModel(nn.Module):
+    """A base causal LM whose target projections are `AdapterLayer`s of one method."""
+
+    def __init__(self, base_model: nn.Module, method_config, base_model_id: str | None = None):
+        super().__init__()
+        self.base_model = base_model
+        self.method_config = method_config
+        self.base_model_id = base_model_id or getattr(getattr(base_model, "config", None), "_name_or_path", "") or ""
+        self.base_fingerprint = fingerprint(base_model)
+        self.context = RoutingContext()
+        method = get_method(method_config.method_name)
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+        for name in find_targets(base_model, method_config.target_modules):
+            parent_name, _, child = name.rpartition(".")
+            parent = base_model.get_submodule(parent_name) if parent_name else base_model
+            layer = method.layer_cls(getattr(parent, child), method_config, self.context)
+            layer.layer_name = name
+            setattr(parent, child, layer)
+
+    # --- delegation -------------------------------------------------------------------------
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args, attention_mask: torch.Tensor | None = None, **kwargs):
+        # Routers read the padding mask from the shared context; it stays set for the backward
+        # pass so gradient-checkpoint recomputation routes exactly as the forward did.
+        self.context.token_mask = attention_mask.bool() if attention_mask is not None else None
+        return self.base_model(*args, attention_mask=attention_mask, **kwargs)
+
+    def generate(self, *args, attention_mask: torch.Tensor | None = None, **kwargs):
+        self.context.token_mask = attention_mask.bool() if attention_mask is not None else None
+        return self.base_model.generate(*args, attention_mask=attention_mask, **kwargs)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Non-reentrant activation checkpointing on the base model (works although its inputs are frozen).
+
+        Routers count each token once: recomputation inside backward is not counted (`in_backward`)."""
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    # --- adapter bookkeeping ----------------------------------------------------------------
+    def adapter_layers(self) -> dict[str, AdapterLayer]:
+        return {m.layer_name: m for m in self.base_model.modules() if isinstance(m, AdapterLayer)}
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Run the plain base model inside this block (e.g. to evaluate the base on the same object)."""
+        layers = list(self.adapter_layers().values())
+        for layer in layers:
+            layer.adapter_enabled = False
+        try:
+            yield self
+        finally:
+            for layer in layers:
+                layer.adapter_enabled = True
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def print_trainable_parameters(self) -> None:
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.parameters())
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def router_stats(self) -> dict[str, dict]:
+        """Per adapted layer: load fraction per expert/rank, load and gate entropy, dead experts."""
+        return {name: s for name, layer in self.adapter_layers().items() if (s := layer.stats()) is not None}
+
+    def reset_router_stats(self) -> None:
+        for layer in self.adapter_layers().values():
+            layer.reset_stats()
+
+    @torch.no_grad()
+    def update_router_state(self) -> None:
+        """Once per optimizer step: all-reduce every router's pending counts, then update its state."""
+        pending = [(layer, c) for layer in self.adapter_layers().values() if (c := layer.step_counts()) is not None]
+        if not pending:
+            return
+        flat = torch.cat([c.reshape(-1) for _, c in pending])
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(flat)  # one collective for all layers
+        for (layer, c), part in zip(pending, flat.split([c.numel() for _, c in pending])):
+            layer.apply_step(part.view_as(c))
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Adapter parameters and saved buffers (e.g. SMoRA's bias), keyed by layer name."""
+        out = {}
+        for name, layer in self.adapter_layers().items():
+            for key, value in layer.state_dict().items():
+                if not key.startswith("base_layer."):
+                    out[f"{name}.{key}"] = value
+        return out
+
+    def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], where: str = "checkpoint") -> None:
+        own = self.adapter_state_dict()
+        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            raise CheckpointError(f"{where} does not fit this model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                                  f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''} "
+                                  "(different target_modules or method?)")
+        with torch.no_grad():
+            for key, value in tensors.items():
+                if own[key].shape != value.shape:
+                    raise CheckpointError(f"{where}: tensor '{key}' has shape {list(value.shape)}, "
+                                          f"this model expects {list(own[key].shape)}")
+                own[key].copy_(value.to(own[key].dtype))
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold constant-gate adapters (LoRA) into W0 and return the plain base model."""
+        for name, layer in self.adapter_layers().items():
+            parent_name, _, child = name.rpartition(".")
+            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            setattr(parent, child, layer.merge())
+        return self.base_model
+
+    # --- save / load ------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, format: str = "moelora", dtype: torch.dtype | None = None,
+                        manifest: dict | None = None) -> None:
+        """Write the adapter atomically. `format="peft"` writes a folder PEFT's LoRA loads (LoRA only);
+        `dtype` stores the tensors in another precision (e.g. torch.bfloat16 for released checkpoints)."""
+        from .peft_compat import export_peft_lora
+
+        tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+                   for k, v in self.adapter_state_dict().items()}
+        info = {"base_model": self.base_model_id, "base_fingerprint": self.base_fingerprint,
+                "moelora_version": __version__, "method": self.method_config.method_name,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(manifest or {})}
+        with atomic_dir(path) as tmp:
+            if format == "peft":
+                export_peft_lora(self, tensors, tmp)
+            elif format == "moelora":
+                write_json(tmp / CONFIG_NAME, {"method": self.method_config.method_name,
+                                               "moelora_version": __version__,
+                                               "config": self.method_config.to_dict()})
+                save_tensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": "moelora"})
+            else:
+                raise ValueError(f"save_pretrained: format must be 'moelora' or 'peft', got {format!r}")
+            write_json(tmp / MANIFEST_NAME, info)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, path: str | Path, base_model_id: str | None = None,
+                        is_trainable: bool = False) -> MoELoRAModel:
+        """Load a moelora adapter folder, or a PEFT LoRA folder, onto `base_model`."""
+        from .peft_compat import import_peft_lora
+
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"adapter folder not found: {path}")
+        if (path / CONFIG_NAME).is_file():
+            meta = read_json(path / CONFIG_NAME, "adapter config")
+            cfg = config_from_dict(dict(meta.get("config", {})), prefix=f"{path / CONFIG_NAME}")
+            manifest = read_json(path / MANIFEST_NAME, "manifest") if (path / MANIFEST_NAME).is_file() else {}
+            if "base_fingerprint" in manifest:
+                check_fingerprint(manifest["base_fingerprint"], base_model, str(path))
+            model = cls(base_model, cfg, base_model_id or manifest.get("base_model"))
+            model.load_adapter_state_dict(load_tensors(path / WEIGHTS_NAME), where=str(path / WEIGHTS_NAME))
+        elif (path / "adapter_config.json").is_file():
+            model = import_peft_lora(cls, base_model, path, base_model_id)
+        else:
+            pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+            hint = f"; found only pickle files {pickles}, which moelora never loads" if pickles else ""
+            raise CheckpointError(f"{path} holds no adapter: expected {CONFIG_NAME} (moelora) or "
+                                  f"adapter_config.json (PEFT){hint}")
+        model.train(is_trainable)
+        if not is_trainable:
+            for p in model.parameters():
+                p.requires_grad_(False)
+        return model
+
+
+def get_moelora_model(base_model: nn.Module, config, base_model_id: str | None = None) -> MoELoRAModel:
+    """Freeze `base_model`, inject the method's layers into its target modules and wrap it."""
+    if isinstance(config, dict):
+        config = config_from_dict(config)
+    return MoELoRAModel(base_model, config, base_model_id)
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for a released adapter folder: the base is resolved from its manifest."""
+    from .base_models import resolve_base_model
+
+    manifest = read_json(Path(path) / MANIFEST_NAME, "manifest")
+    base_id = manifest.get("base_model")
+    if not base_id:
+        raise CheckpointError(f"{path}/{MANIFEST_NAME} names no base_model")
+    base, tokenizer = resolve_base_model(base_id, dtype=dtype)
+    return MoELoRAModel.from_pretrained(base, path, base_model_id=base_id), tokenizer
