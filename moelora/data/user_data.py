@@ -1,0 +1,122 @@
+"""User data files (JSON lines / JSON / Parquet) loaded with `datasets` and normalised to examples.
+
+Each row is either instruction style (``instruction`` + optional ``input`` + ``response`` or
+``output``) or chat style (``messages``: a list of ``{"role", "content"}``), and every row carries a
+task name (``task`` by default). Rows come back as ``{"task", "instruction", "response"}`` or
+``{"task", "messages"}``, ready for :mod:`moelora.data.formatting`. Bad input raises ``DataError``
+naming the file (and the first bad row index).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+
+from moelora.errors import DataError
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def load_user_data(paths: list[str] | str, task_field: str = "task") -> list[dict]:
+    """Load and validate every file in ``paths``; returns the concatenated normalised examples."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not paths:
+        raise DataError("no data files given")
+    out: list[dict] = []
+    for path in paths:
+        rows = _read_rows(os.fspath(path))
+        out.extend(_normalise(path, i, row, task_field) for i, row in enumerate(rows))
+    return out
+
+
+def _read_rows(path: str) -> list[dict]:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _BUILDERS:
+        raise DataError(f"data file '{path}': unsupported extension '{ext}'; use .jsonl, .json or .parquet")
+    if not os.path.isfile(path):
+        raise DataError(f"data file '{path}' does not exist")
+    if _is_blank(path):
+        raise DataError(f"data file '{path}' is empty")
+    import datasets
+
+    # datasets' builders write Arrow files into a cache; point that at a throwaway dir and keep the
+    # table in memory, so nothing piles up in ~/.cache and stale caches can never be reused.
+    bars_were_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    # datasets logs parse failures itself; we re-raise them as one DataError, so silence the duplicate.
+    ds_logger = logging.getLogger("datasets")
+    old_level = ds_logger.level
+    ds_logger.setLevel(logging.CRITICAL)
+    try:
+        with tempfile.TemporaryDirectory(prefix="moelora-data-") as tmp:
+            if _BUILDERS[ext] == "json":
+                ds = datasets.Dataset.from_json(path, cache_dir=tmp, keep_in_memory=True)
+            else:
+                ds = datasets.Dataset.from_parquet(path, cache_dir=tmp, keep_in_memory=True)
+            rows = ds.to_list()
+    except Exception as exc:  # datasets / pyarrow / json raise many types; report them all the same way
+        if "corresponds to no data" in str(exc):  # datasets' wording for a file with zero rows, e.g. "[]"
+            raise DataError(f"data file '{path}' is empty (no rows)") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        cause = exc.__cause__ or exc.__context__
+        if cause is not None and str(cause).strip():
+            reason += f" ({str(cause).strip().splitlines()[0]})"
+        kind = "JSON" if _BUILDERS[ext] == "json" else "Parquet"
+        raise DataError(f"data file '{path}' is not valid {kind}: {reason}") from None
+    finally:
+        ds_logger.setLevel(old_level)
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    if not rows:
+        raise DataError(f"data file '{path}' is empty (no rows)")
+    return rows
+
+
+def _is_blank(path: str) -> bool:
+    """True for a zero-byte or whitespace-only file (reads only until the first real byte)."""
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _text(value) -> str | None:
+    """Strings pass; ints (e.g. numeric answers parsed from JSON) become strings; else None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _normalise(path, i: int, row: dict, task_field: str) -> dict:
+    where = f"data file '{path}', row index {i}"
+    task = row.get(task_field)
+    if not isinstance(task, str) or not task.strip():
+        raise DataError(f"{where}: missing or empty task field '{task_field}' (every row needs one)")
+    task = task.strip()
+    if row.get("messages") is not None:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+        clean = []
+        for j, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or _text(m.get("content")) is None:
+                raise DataError(f"{where}: messages[{j}] needs string 'role' and 'content'")
+            clean.append({"role": m["role"], "content": _text(m["content"])})
+        if not any(m["role"] == "assistant" for m in clean):
+            raise DataError(f"{where}: 'messages' has no assistant message to learn from")
+        return {"task": task, "messages": clean}
+    instruction = _text(row.get("instruction"))
+    if not instruction:
+        raise DataError(f"{where}: needs 'instruction' + 'response'/'output', or 'messages'")
+    response = _text(row.get("response")) if row.get("response") is not None else _text(row.get("output"))
+    if response is None or not response.strip():
+        raise DataError(f"{where}: missing or empty 'response' (or 'output')")
+    extra = _text(row.get("input"))
+    if extra and extra.strip():
+        instruction = f"{instruction}\n\n{extra}"
+    return {"task": task, "instruction": instruction, "response": response}

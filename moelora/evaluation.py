@@ -1,0 +1,135 @@
+"""Exact-match evaluation by greedy generation, and a Markdown table to compare runs.
+
+``model`` may be any object with a Hugging Face style ``generate(input_ids, attention_mask, ...)``
+(a plain HF model or moelora's wrapper). Prompts are built exactly as in training
+(:mod:`moelora.data.formatting`), left-padded, and batched in order of length to minimise padding.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from moelora.data.formatting import end_of_turn_token, split_prompt_response
+from moelora.errors import DataError
+
+
+def _stop_ids(tokenizer) -> set[int]:
+    ids = {tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))}
+    for tid in (tokenizer.eos_token_id, tokenizer.pad_token_id):
+        if tid is not None:
+            ids.add(int(tid))
+    return ids
+
+
+def _decode_answer(tokenizer, new_ids: Sequence[int], stop: set[int]) -> str:
+    # Cut at the first end-of-turn/eos/pad: anything after is not the answer (or is padding).
+    cut = next((i for i, t in enumerate(new_ids) if t in stop), len(new_ids))
+    return tokenizer.decode(list(new_ids[:cut]), skip_special_tokens=True).strip()
+
+
+def evaluate_exact_match(
+    model, tokenizer, examples: Sequence[dict], batch_size: int = 32, max_new_tokens: int = 16, progress: bool = True
+) -> dict:
+    """Greedy-generate an answer per example and score exact match against its response.
+
+    Returns ``{"per_task": {task: em}, "average": macro mean over tasks, "n": {task: count},
+    "predictions": [{"task", "instruction", "target", "prediction"}, ...]}`` (predictions in input order).
+    """
+    if not examples:
+        raise DataError("evaluate_exact_match got no examples")
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise DataError(f"tokenizer '{tokenizer.name_or_path}' has neither a pad nor an eos token")
+    pairs = [split_prompt_response(tokenizer, ex) for ex in examples]
+    prompt_ids = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    order = sorted(range(len(examples)), key=lambda i: len(prompt_ids[i]))
+    stop = _stop_ids(tokenizer)
+    device = _device_of(model)
+
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="eval (exact match)", unit="batch", leave=False)
+    answers: list[str] = [""] * len(examples)
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        with torch.no_grad():
+            for idx in batches:
+                width = max(len(prompt_ids[i]) for i in idx)
+                input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):  # left padding: generation continues from the last column
+                    k = len(prompt_ids[i])
+                    input_ids[row, width - k :] = torch.as_tensor(prompt_ids[i], dtype=torch.long)
+                    attention_mask[row, width - k :] = 1
+                out = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad_id,
+                )
+                seqs = out.sequences if hasattr(out, "sequences") else out
+                new = seqs[:, width:].tolist()  # generate returns prompt + new tokens
+                for row, i in enumerate(idx):
+                    answers[i] = _decode_answer(tokenizer, new[row], stop)
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+
+    hits: dict[str, list[int]] = {}
+    predictions = []
+    for ex, (_, target), pred in zip(examples, pairs, answers):
+        task = ex.get("task", "")
+        hits.setdefault(task, []).append(int(pred == target.strip()))
+        instruction = ex.get("instruction") or _last_user_text(ex)
+        predictions.append({"task": task, "instruction": instruction, "target": target.strip(), "prediction": pred})
+    per_task = {t: sum(h) / len(h) for t, h in hits.items()}
+    return {
+        "per_task": per_task,
+        "average": sum(per_task.values()) / len(per_task),
+        "n": {t: len(h) for t, h in hits.items()},
+        "predictions": predictions,
+    }
+
+
+def _last_user_text(ex: dict) -> str:
+    msgs = ex.get("messages") or []
+    users = [m.get("content", "") for m in msgs if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def _device_of(model) -> torch.device:
+    dev = getattr(model, "device", None)
+    if isinstance(dev, torch.device):
+        return dev
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration, TypeError):
+        return torch.device("cpu")
+
+
+def format_results_table(results_by_name: dict[str, dict]) -> str:
+    """Markdown table: one row per task (+ "average"), one column per named result, EM in % (1 decimal)."""
+    if not results_by_name:
+        raise DataError("format_results_table got no results")
+    names = list(results_by_name)
+    tasks: list[str] = []
+    for res in results_by_name.values():  # union of tasks, in first-seen order
+        tasks += [t for t in res.get("per_task", {}) if t not in tasks]
+
+    def cell(value) -> str:
+        return "–" if value is None else f"{100.0 * value:.1f}"
+
+    lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for t in tasks:
+        lines.append(f"| {t} | " + " | ".join(cell(results_by_name[n].get("per_task", {}).get(t)) for n in names) + " |")
+    lines.append("| average | " + " | ".join(cell(results_by_name[n].get("average")) for n in names) + " |")
+    return "\n".join(lines)
