@@ -1,0 +1,55 @@
+"""Metric sinks for a training run: console (via the progress bar), JSONL, TensorBoard.
+
+Only the main process writes. Each record is one flat dict of numbers keyed by name, so the JSONL
+log reads back with one `json.loads` per line and plots without further parsing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def summarise_router_stats(stats: dict[str, dict]) -> dict[str, float]:
+    """Model-wide router health from `MoELoRAModel.router_stats()`: means over layers."""
+    if not stats:
+        return {}
+    n = len(stats)
+    return {
+        "router/load_entropy": sum(s["load_entropy"] for s in stats.values()) / n,
+        "router/gate_entropy": sum(s["gate_entropy"] for s in stats.values()) / n,
+        "router/max_load": max(s["max_load"] for s in stats.values()),
+        "router/dead_experts": float(sum(len(s["dead"]) for s in stats.values())),
+    }
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: Path, report_to: list[str], enabled: bool, append: bool = False):
+        self.enabled = enabled and "none" not in report_to
+        self.jsonl = None
+        self.tb = None
+        if not self.enabled:
+            return
+        if "jsonl" in report_to:
+            self.jsonl = open(output_dir / "log.jsonl", "a" if append else "w")
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+
+    def log(self, step: int, record: dict) -> None:
+        if not self.enabled:
+            return
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
+            self.jsonl.flush()
+        if self.tb:
+            for key, value in record.items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()

@@ -1,0 +1,113 @@
+"""Training checkpoints: everything needed to continue a run exactly, in safetensors + JSON.
+
+A checkpoint folder `checkpoint-<step>/` holds the adapter (a loadable adapter folder by itself),
+`training_state.safetensors` (optimizer moments, torch RNG state) and `trainer_state.json` (step
+counters, scheduler state, optimizer hyperparameters, Python/NumPy RNG state). It is written under a
+temporary name and renamed when complete, so resume never picks up a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from ..errors import CheckpointError
+
+STATE_TENSORS = "training_state.safetensors"
+STATE_JSON = "trainer_state.json"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{name}"] = value
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_flat(optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, counters: dict, manifest: dict) -> None:
+    """Write checkpoint folder `path` atomically (adapter + optimizer + scheduler + RNG + counters)."""
+    opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
+    opt_tensors["rng.torch"] = torch.get_rng_state()
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp / "adapter", manifest=manifest)
+        save_tensors(tmp / STATE_TENSORS, opt_tensors)
+        write_json(tmp / STATE_JSON, {
+            "counters": counters,
+            "scheduler": scheduler.state_dict(),
+            "optimizer": opt_meta,
+            "rng": {"python": [py_state[0], list(py_state[1]), py_state[2]],
+                    "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]},
+        })
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore a checkpoint written by `save_checkpoint`; returns its counters."""
+    from ..model import WEIGHTS_NAME
+
+    meta = read_json(path / STATE_JSON, "trainer state")
+    model.load_adapter_state_dict(load_tensors(path / "adapter" / WEIGHTS_NAME), where=str(path / "adapter"))
+    tensors = load_tensors(path / STATE_TENSORS)
+    _optimizer_from_flat(optimizer, tensors, meta["optimizer"])
+    scheduler.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    py = meta["rng"]["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npv = meta["rng"]["numpy"]
+    np.random.set_state((npv[0], np.array(npv[1], dtype=np.uint32), npv[2], npv[3], npv[4]))
+    return meta["counters"]
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first (temporary folders are never listed)."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir()
+             if (m := _CKPT.match(p.name)) and (p / STATE_JSON).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(option, output_dir: Path) -> Path | None:
+    """`resume_from_checkpoint` (true / path / None) -> the checkpoint folder to load, or None."""
+    if option in (None, False):
+        return None
+    if option is True or option in ("true", "latest"):
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise CheckpointError(f"resume_from_checkpoint: no checkpoint in {output_dir}")
+        return found[-1]
+    path = Path(option)
+    if not (path / STATE_JSON).is_file():
+        raise CheckpointError(f"resume_from_checkpoint: {path} is not a complete training checkpoint "
+                              f"(no {STATE_JSON})")
+    return path
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> None:
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

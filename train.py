@@ -1,0 +1,257 @@
+#!/usr/bin/env python
+"""Train one moelora method on a base model and evaluate every task before and after.
+
+    accelerate launch train.py --config configs/smora.yaml                  # the default run
+    python train.py --config configs/lora.yaml max_steps=50 method.r=16      # dotted key=value overrides
+    python train.py --config configs/smora.yaml resume_from_checkpoint=true  # continue the newest checkpoint
+
+The story of a run, top to bottom: config -> accelerator -> base model -> adapter -> data ->
+optimizer -> resume -> evaluate the base -> train -> save the adapter -> evaluate the trained model.
+Every bad input is reported as one line naming the key, file or shape, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a model hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    # --- 1. config: YAML + overrides, validated before anything slow starts ---------------------
+    args = parse_args(argv)
+    from moelora.training.run_config import load_run_config
+
+    cfg = load_run_config(args.config, args.overrides)
+
+    import torch
+    from accelerate import Accelerator, DeepSpeedPlugin, InitProcessGroupKwargs
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    import moelora
+    from moelora.base_models import resolve_base_model
+    from moelora.data.formatting import Collator, encode_examples
+    from moelora.evaluation import evaluate_exact_match, format_results_table
+    from moelora.training.batches import BatchOrder
+    from moelora.training.metrics import MetricsLogger, summarise_router_stats
+    from moelora.training.state import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+
+    # --- 2. accelerator: devices, processes, mixed precision, DeepSpeed ----------------------------
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg.deepspeed) if cfg.deepspeed else None,
+        # CPU-only process groups need gloo (accelerate picks none there); a single process needs no group.
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if needs_gloo(cfg) else [],
+    )
+    is_main = accelerator.is_main_process
+    output_dir = Path(cfg.output_dir)
+    resume = resolve_resume(cfg.resume_from_checkpoint, output_dir)
+    if is_main:
+        prepare_output_dir(output_dir, cfg, resuming=resume is not None)
+    accelerator.wait_for_everyone()
+    set_seed(cfg.seed)
+
+    # --- 3. base model and adapter --------------------------------------------------------------
+    base, tokenizer = resolve_base_model(cfg.base_model, dtype=getattr(torch, cfg.dtype))
+    model = moelora.get_moelora_model(base, cfg.method_config, base_model_id=cfg.base_model)
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    base.config.use_cache = False  # no KV cache while training; generation turns it back on
+    if is_main:
+        model.print_trainable_parameters()
+
+    # --- 4. data: the built-in task suite and/or user files --------------------------------------
+    train_examples, eval_examples = load_examples(cfg)
+    train_set = encode_examples(tokenizer, train_examples, cfg.data.max_length)
+    collate = Collator(tokenizer.pad_token_id)
+    order = BatchOrder(len(train_set), cfg.per_device_train_batch_size, accelerator.num_processes,
+                       accelerator.process_index, cfg.seed)
+    g = cfg.gradient_accumulation_steps
+    max_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * order.batches_per_epoch / g)
+
+    # --- 5. optimizer and schedule (the scheduler is stepped by hand: once per optimizer step) ---
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.warmup_ratio * max_steps),
+                              num_training_steps=max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core = accelerator.unwrap_model(model)  # the MoELoRAModel itself (DDP/DeepSpeed wrap it)
+
+    # --- 6. resume: adapter, optimizer, scheduler, RNG and counters, exactly ---------------------
+    counters = {"step": 0, "micro_step": 0, "tokens": 0}
+    if resume is not None:
+        counters = load_checkpoint(resume, core, optimizer, scheduler)
+        accelerator.print(f"resumed from {resume} at step {counters['step']}")
+
+    # --- 7. evaluate the base model (adapters off) for the before/after table ---------------------
+    def run_eval(m, base_only: bool) -> dict:
+        m.eval()
+        with m.disable_adapter() if base_only else contextlib.nullcontext():
+            res = evaluate_exact_match(m, tokenizer, eval_examples, cfg.per_device_eval_batch_size,
+                                       cfg.eval_max_new_tokens, progress=is_main)
+        m.train()
+        return res
+
+    results = {}
+    if cfg.eval_before_training and eval_examples:
+        results["base"] = cached_eval(output_dir / "eval_base.json", is_main, accelerator, lambda: run_eval(core, True))
+
+    # --- 8. train ---------------------------------------------------------------------------------
+    logger = MetricsLogger(output_dir, cfg.report_to, is_main, append=resume is not None)
+    manifest = {"training_config": cfg.to_dict()}
+    model.train()
+    core.reset_router_stats()
+    bar = tqdm(total=max_steps, initial=counters["step"], desc="train", unit="step", disable=not is_main)
+    window = {"loss": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
+    last_loss = None
+    while counters["step"] < max_steps:
+        for _ in range(g):
+            batch = collate([train_set[i] for i in order.indices(counters["micro_step"])])
+            batch.pop("tasks", None)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(core.trainable_parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            counters["micro_step"] += 1
+            window["loss"] += float(loss.detach())
+            window["n"] += 1
+            window["tokens"] += int(batch["attention_mask"].sum())
+        scheduler.step()
+        core.update_router_state()  # loss-free balancing etc.: once per optimizer step, all-reduced
+        counters["step"] += 1
+        bar.update(1)
+
+        step = counters["step"]
+        if step % cfg.logging_steps == 0 or step == max_steps:
+            elapsed = time.perf_counter() - window["t0"]
+            loss_mean = float(accelerator.reduce(torch.tensor(window["loss"] / window["n"], device=accelerator.device), "mean"))
+            record = {"loss": loss_mean, "lr": scheduler.get_last_lr()[0], "epoch": order.epoch_of(counters["micro_step"]),
+                      "tokens_per_s": window["tokens"] * accelerator.num_processes / elapsed,
+                      **summarise_router_stats(core.router_stats())}
+            last_loss = loss_mean
+            logger.log(step, record)
+            bar.set_postfix(loss=f"{loss_mean:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            core.reset_router_stats()
+            window = {"loss": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
+        if cfg.eval_strategy == "steps" and step % cfg.eval_steps == 0 and step < max_steps and eval_examples:
+            if is_main:
+                logger.log(step, {f"eval/{k}": v for k, v in run_eval(core, False)["per_task"].items()})
+            accelerator.wait_for_everyone()
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < max_steps:
+            if is_main:
+                save_checkpoint(output_dir / f"checkpoint-{step}", core, optimizer, scheduler, counters, manifest)
+                prune_checkpoints(output_dir, cfg.save_total_limit)
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    # --- 9. save the adapter, evaluate the trained model, write the tables ------------------------
+    summary = {"final_loss": last_loss, "steps": counters["step"]}
+    if eval_examples:
+        results["trained"] = run_eval(core, False) if is_main else {}
+    if is_main:
+        manifest["metrics"] = {**summary, **{f"{name}_exact_match": r["per_task"] | {"average": r["average"]}
+                                            for name, r in results.items()}}
+        core.save_pretrained(output_dir / "adapter", manifest=manifest, dtype=getattr(torch, cfg.save_dtype))
+        if results:
+            table = format_results_table(results)
+            print("\nper-task exact match (held-out split):\n" + table)
+            (output_dir / "eval_results.md").write_text(table + "\n")
+            (output_dir / "eval_results.json").write_text(json.dumps(
+                {name: {k: r[k] for k in ("per_task", "average", "n")} for name, r in results.items()}, indent=2))
+        print(f"adapter saved to {output_dir / 'adapter'}")
+    logger.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {**summary, "results": {k: v.get("average") for k, v in results.items()}}
+
+
+# --- helpers: each one step of the story above ---------------------------------------------------
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML run config (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. method.k=4 max_steps=20")
+    return parser.parse_args(argv)
+
+
+def needs_gloo(cfg) -> bool:
+    import torch
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.deepspeed is not None
+    return distributed and not torch.cuda.is_available()
+
+
+def prepare_output_dir(output_dir: Path, cfg, resuming: bool) -> None:
+    """Refuse to mix two runs in one folder; fail early (not after training) if it is unwritable."""
+    from moelora.errors import ConfigError
+
+    marker = output_dir / "run_config.json"
+    if marker.exists() and not resuming and not cfg.overwrite_output_dir:
+        raise ConfigError("output_dir", f"{output_dir} already holds a run; pass resume_from_checkpoint=true to "
+                          "continue it, overwrite_output_dir=true to replace it, or choose another output_dir")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    except OSError as exc:
+        raise ConfigError("output_dir", f"cannot write to {output_dir}: {exc.strerror or exc}") from None
+
+
+def load_examples(cfg) -> tuple[list[dict], list[dict]]:
+    from moelora.data.tasks import build_task_suite
+    from moelora.data.user_data import load_user_data
+    from moelora.errors import ConfigError
+
+    train, evals = [], []
+    if cfg.data.tasks != "none":
+        train, evals = build_task_suite(cfg.data.tasks, cfg.data.n_train_per_task, cfg.data.n_eval_per_task, cfg.seed)
+    if cfg.data.train_files:
+        train += load_user_data(cfg.data.train_files, task_field=cfg.data.task_field)
+    if cfg.data.eval_files:
+        evals += load_user_data(cfg.data.eval_files, task_field=cfg.data.task_field)
+    if not train:
+        raise ConfigError("data", "no training data: set data.tasks or data.train_files")
+    return train, evals
+
+
+def cached_eval(path: Path, is_main: bool, accelerator, run) -> dict:
+    """The base model's scores do not change on resume: compute once, reuse from the output folder."""
+    result = {}
+    if is_main:
+        if path.is_file():
+            result = json.loads(path.read_text())
+        else:
+            result = run()
+            path.write_text(json.dumps({k: result[k] for k in ("per_task", "average", "n")}, indent=2))
+    accelerator.wait_for_everyone()
+    return result
+
+
+def cli(argv: list[str] | None = None) -> int:
+    from moelora.errors import MoeloraError
+
+    try:
+        main(argv)
+    except MoeloraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
