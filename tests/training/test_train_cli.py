@@ -32,14 +32,17 @@ def _log(out):
 
 def test_run_writes_adapter_logs_tables_and_updates_bias_once_per_step(tmp_path):
     out = tmp_path / "run"
-    summary = _run(out, "max_steps=2", "gradient_accumulation_steps=4", "report_to=[jsonl, tensorboard]")
+    summary = _run(out, "max_steps=2", "gradient_accumulation_steps=4", "report_to=[jsonl, tensorboard]",
+                   "eval_strategy=steps", "eval_steps=1")
     assert summary["steps"] == 2
     for name in ("adapter/adapter_model.safetensors", "adapter/manifest.json", "log.jsonl", "eval_results.md",
                  "eval_results.json", "run_config.json"):
         assert (out / name).is_file(), name
     assert any((out / "tensorboard").iterdir())
-    records = _log(out)
+    records = [r for r in _log(out) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2]
+    evals = [r for r in _log(out) if "eval/add" in r]
+    assert [r["step"] for r in evals] == [1]  # eval_strategy=steps: every eval_steps, before the end
     assert {"loss", "lr", "tokens_per_s", "router/load_entropy", "router/dead_experts"} <= set(records[0])
     results = json.loads((out / "eval_results.json").read_text())
     assert set(results) == {"base", "trained"} and set(results["base"]["per_task"]) == {"add", "reverse_word", "sort_asc"}
