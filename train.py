@@ -115,15 +115,18 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     core.reset_router_stats()
     bar = tqdm(total=max_steps, initial=counters["step"], desc="train", unit="step", disable=not is_main)
-    window = {"loss": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
+    window = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
     last_loss = None
     while counters["step"] < max_steps:
         for _ in range(g):
             batch = collate([train_set[i] for i in order.indices(counters["micro_step"])])
-            batch.pop("tasks", None)
+            labels = core.method_config.task_labels(batch.pop("tasks"))  # for methods routed by task label
+            if labels is not None:
+                batch["sample_labels"] = torch.tensor(labels)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                out = model(**batch)
+                loss = out.loss  # LM loss + router aux losses (e.g. LoRA-Mixer's SBL), as the model adds them
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(core.trainable_parameters(), cfg.max_grad_norm)
@@ -131,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             counters["micro_step"] += 1
             window["loss"] += float(loss.detach())
+            window["aux"] += float(out["aux_loss"]) if "aux_loss" in out else 0.0
             window["n"] += 1
             window["tokens"] += int(batch["attention_mask"].sum())
         scheduler.step()
@@ -145,11 +149,13 @@ def main(argv: list[str] | None = None) -> dict:
             record = {"loss": loss_mean, "lr": scheduler.get_last_lr()[0], "epoch": order.epoch_of(counters["micro_step"]),
                       "tokens_per_s": window["tokens"] * accelerator.num_processes / elapsed,
                       **summarise_router_stats(core.router_stats())}
+            if window["aux"]:
+                record["aux_loss"] = window["aux"] / window["n"]
             last_loss = loss_mean
             logger.log(step, record)
             bar.set_postfix(loss=f"{loss_mean:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             core.reset_router_stats()
-            window = {"loss": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
+            window = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
         if cfg.eval_strategy == "steps" and step % cfg.eval_steps == 0 and step < max_steps and eval_examples:
             if is_main:
                 logger.log(step, {f"eval/{k}": v for k, v in run_eval(core, False)["per_task"].items()})

@@ -167,5 +167,10 @@ class MethodConfig(StrictConfig):
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise self.error("target_modules", "is empty: name at least one module (e.g. q_proj)")
 
+    def task_labels(self, tasks: list[str]) -> list[int] | None:
+        """Per-sample routing labels for a batch's task names, for methods that route by label
+        (LoRA-Mixer's stage 1); None for methods that route from the input alone."""
+        return None
+
     def to_dict(self) -> dict:
         return {"name": self.method_name, **super().to_dict()}

@@ -27,6 +27,13 @@ class RoutingContext:
 
     def __init__(self):
         self.token_mask: torch.Tensor | None = None  # [batch, seq] bool: True for real (non-pad) tokens
+        self.sample_labels: torch.Tensor | None = None  # [batch] int: e.g. task ids for routing by label
+        self.aux_losses: list[torch.Tensor] = []  # router losses added by layers during this forward
+
+    def start_forward(self, attention_mask=None, sample_labels=None) -> None:
+        self.token_mask = attention_mask.bool() if attention_mask is not None else None
+        self.sample_labels = sample_labels
+        self.aux_losses = []
 
     def flat_mask(self, n_tokens: int) -> torch.Tensor | None:
         """The mask flattened to the layer's N tokens, or None when it does not describe this input

@@ -84,14 +84,25 @@ class MoELoRAModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def forward(self, *args, attention_mask: torch.Tensor | None = None, **kwargs):
+    def forward(self, *args, attention_mask: torch.Tensor | None = None, sample_labels: torch.Tensor | None = None,
+                **kwargs):
+        """The base model's forward. `sample_labels` ([batch] ints, e.g. task ids) reach routers that route
+        by label. Router losses that layers add (e.g. LoRA-Mixer's SBL) are summed into `aux_loss` and,
+        when the LM loss is computed (labels given), added to `loss`."""
         # Routers read the padding mask from the shared context; it stays set for the backward
         # pass so gradient-checkpoint recomputation routes exactly as the forward did.
-        self.context.token_mask = attention_mask.bool() if attention_mask is not None else None
-        return self.base_model(*args, attention_mask=attention_mask, **kwargs)
+        self.context.start_forward(attention_mask, sample_labels)
+        out = self.base_model(*args, attention_mask=attention_mask, **kwargs)
+        if self.context.aux_losses:
+            aux = torch.stack(self.context.aux_losses).sum()
+            out["aux_loss"] = aux
+            if out.get("loss") is not None:
+                out["loss"] = out["loss"] + aux
+        return out
 
-    def generate(self, *args, attention_mask: torch.Tensor | None = None, **kwargs):
-        self.context.token_mask = attention_mask.bool() if attention_mask is not None else None
+    def generate(self, *args, attention_mask: torch.Tensor | None = None, sample_labels: torch.Tensor | None = None,
+                 **kwargs):
+        self.context.start_forward(attention_mask, sample_labels)
         return self.base_model.generate(*args, attention_mask=attention_mask, **kwargs)
 
     def enable_gradient_checkpointing(self) -> None:
@@ -218,7 +229,8 @@ class MoELoRAModel(nn.Module):
             manifest = read_json(path / MANIFEST_NAME, "manifest") if (path / MANIFEST_NAME).is_file() else {}
             if "base_fingerprint" in manifest:
                 check_fingerprint(manifest["base_fingerprint"], base_model, str(path))
-            model = cls(base_model, cfg, base_model_id or manifest.get("base_model"))
+            model_cls = get_method(cfg.method_name).model_cls or cls
+            model = model_cls(base_model, cfg, base_model_id or manifest.get("base_model"))
             model.load_adapter_state_dict(load_tensors(path / WEIGHTS_NAME), where=str(path / WEIGHTS_NAME))
         elif (path / "adapter_config.json").is_file():
             model = import_peft_lora(cls, base_model, path, base_model_id)
@@ -238,7 +250,8 @@ def get_moelora_model(base_model: nn.Module, config, base_model_id: str | None =
     """Freeze `base_model`, inject the method's layers into its target modules and wrap it."""
     if isinstance(config, dict):
         config = config_from_dict(config)
-    return MoELoRAModel(base_model, config, base_model_id)
+    model_cls = get_method(config.method_name).model_cls or MoELoRAModel
+    return model_cls(base_model, config, base_model_id)
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32):

@@ -17,19 +17,20 @@ class Method:
     name: str
     config_cls: type
     layer_cls: type
+    model_cls: type | None = None  # a MoELoRAModel subclass when the method needs model-level passes (X-LoRA)
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, config_cls: type, layer_cls: type) -> None:
+def register_method(name: str, config_cls: type, layer_cls: type, model_cls: type | None = None) -> None:
     if name in METHODS:
         raise ValueError(f"method '{name}' is registered twice")
     if name != name.lower():
         raise ValueError(f"method names are lower case: '{name}'")
     config_cls.method_name = name
     layer_cls.method = name
-    METHODS[name] = Method(name, config_cls, layer_cls)
+    METHODS[name] = Method(name, config_cls, layer_cls, model_cls)
 
 
 def get_method(name: str, key: str = "method.name") -> Method:
