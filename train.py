@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> dict:
     from moelora.data.formatting import Collator, encode_examples
     from moelora.evaluation import evaluate_exact_match, format_results_table
     from moelora.training.batches import BatchOrder
-    from moelora.training.metrics import MetricsLogger, summarise_router_stats
-    from moelora.training.state import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
+    from moelora.errors import TrainingError
+    from moelora.training.metrics import MetricsLogger, name_layers, router_health, summarise_router_stats
+    from moelora.training.state import (list_checkpoints, load_checkpoint, prune_checkpoints, resolve_resume,
+                                        save_checkpoint)
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -118,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     window = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
     last_loss = None
     while counters["step"] < max_steps:
+        finite = True
         for _ in range(g):
             batch = collate([train_set[i] for i in order.indices(counters["micro_step"])])
             labels = core.method_config.task_labels(batch.pop("tasks"))  # for methods routed by task label
@@ -127,18 +130,31 @@ def main(argv: list[str] | None = None) -> dict:
             with accelerator.accumulate(model):
                 out = model(**batch)
                 loss = out.loss  # LM loss + router aux losses (e.g. LoRA-Mixer's SBL), as the model adds them
+                finite = finite and bool(torch.isfinite(loss))
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(core.trainable_parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
             counters["micro_step"] += 1
             window["loss"] += float(loss.detach())
             window["aux"] += float(out["aux_loss"]) if "aux_loss" in out else 0.0
             window["n"] += 1
             window["tokens"] += int(batch["attention_mask"].sum())
-        scheduler.step()
-        core.update_router_state()  # loss-free balancing etc.: once per optimizer step, all-reduced
+        # The gradient norm (clipped or not) also tells whether any gradient is non-finite.
+        norm = accelerator.clip_grad_norm_(core.trainable_parameters(), cfg.max_grad_norm or float("inf"))
+        finite = finite and (norm is None or bool(torch.isfinite(torch.as_tensor(norm))))
+        finite = bool(accelerator.reduce(torch.tensor(float(finite), device=accelerator.device), "sum")
+                      == accelerator.num_processes)  # every process takes the same decision
+        if finite:
+            optimizer.step()
+            scheduler.step()
+        elif cfg.nan_policy == "stop":
+            last = list_checkpoints(output_dir)
+            bar.close()
+            raise TrainingError(f"non-finite loss or gradient at step {counters['step'] + 1}; training stopped "
+                                f"without saving (last good checkpoint: {last[-1] if last else 'none'}). "
+                                "Lower learning_rate, or set nan_policy=skip to drop such steps")
+        else:
+            counters["skipped_steps"] = counters.get("skipped_steps", 0) + 1
+        optimizer.zero_grad(set_to_none=True)
+        core.update_router_state(apply=finite)  # loss-free balancing etc.: once per optimizer step, all-reduced
         counters["step"] += 1
         bar.update(1)
 
@@ -146,9 +162,23 @@ def main(argv: list[str] | None = None) -> dict:
         if step % cfg.logging_steps == 0 or step == max_steps:
             elapsed = time.perf_counter() - window["t0"]
             loss_mean = float(accelerator.reduce(torch.tensor(window["loss"] / window["n"], device=accelerator.device), "mean"))
+            stats = core.router_stats()
             record = {"loss": loss_mean, "lr": scheduler.get_last_lr()[0], "epoch": order.epoch_of(counters["micro_step"]),
                       "tokens_per_s": window["tokens"] * accelerator.num_processes / elapsed,
-                      **summarise_router_stats(core.router_stats())}
+                      "skipped_steps": counters.get("skipped_steps", 0), **summarise_router_stats(stats)}
+            health = router_health(stats, cfg.router_collapse_entropy)
+            if health["collapsed"]:
+                record["router/collapsed_layers"] = health["collapsed"]
+                message = (f"router collapse at step {step}: load entropy < {cfg.router_collapse_entropy} in "
+                           f"{len(health['collapsed'])} layers ({name_layers(health['collapsed'])})")
+                if cfg.router_collapse_stop:
+                    logger.log(step, record)
+                    bar.close()
+                    raise TrainingError(message + "; stopped (router_collapse_stop=true), checkpoints intact")
+                if is_main:
+                    tqdm.write("warning: " + message, file=sys.stderr)
+            if health["dead"]:
+                record["router/dead_layers"] = health["dead"]  # "layer:count" of experts that got no token
             if window["aux"]:
                 record["aux_loss"] = window["aux"] / window["n"]
             last_loss = loss_mean

@@ -28,3 +28,7 @@ class CheckpointError(MoeloraError, ValueError):
 
 class BaseModelError(MoeloraError, ValueError):
     """The base model cannot be resolved (unknown name, missing package, bad folder)."""
+
+
+class TrainingError(MoeloraError, RuntimeError):
+    """Training had to stop (non-finite loss or gradient, collapsed router); checkpoints are left intact."""

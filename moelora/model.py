@@ -148,10 +148,15 @@ class MoELoRAModel(nn.Module):
             layer.reset_stats()
 
     @torch.no_grad()
-    def update_router_state(self) -> None:
-        """Once per optimizer step: all-reduce every router's pending counts, then update its state."""
+    def update_router_state(self, apply: bool = True) -> None:
+        """Once per optimizer step: all-reduce every router's pending counts, then update its state.
+        `apply=False` drops the pending counts instead (a skipped step must not move the routers)."""
         pending = [(layer, c) for layer in self.adapter_layers().values() if (c := layer.step_counts()) is not None]
         if not pending:
+            return
+        if not apply:
+            for layer, c in pending:
+                layer.apply_step(torch.zeros_like(c))
             return
         flat = torch.cat([c.reshape(-1) for _, c in pending])
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:

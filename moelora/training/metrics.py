@@ -23,6 +23,21 @@ def summarise_router_stats(stats: dict[str, dict]) -> dict[str, float]:
     }
 
 
+def router_health(stats: dict[str, dict], min_load_entropy: float) -> dict[str, list]:
+    """Layers whose router collapsed (normalised load entropy below `min_load_entropy`: a few experts
+    take almost all the load) and layers with experts that received no token in the window."""
+    multi = {name: s for name, s in stats.items() if len(s["load"]) > 1 and s["tokens"] > 0}
+    return {
+        "collapsed": sorted(n for n, s in multi.items() if s["load_entropy"] < min_load_entropy),
+        "dead": sorted(f"{n}:{len(s['dead'])}" for n, s in multi.items() if s["dead"]),
+    }
+
+
+def name_layers(names: list[str], most: int = 4) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 class MetricsLogger:
     def __init__(self, output_dir: Path, report_to: list[str], enabled: bool, append: bool = False):
         self.enabled = enabled and "none" not in report_to

@@ -70,6 +70,9 @@ class RunConfig(StrictConfig):
     deepspeed: str | None = None  # path to a DeepSpeed JSON (configs/deepspeed/zero2.json) to run under ZeRO
     num_threads: int = 0  # torch CPU threads per process (0: torch's default)
     save_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # precision of the saved adapter
+    nan_policy: Literal["stop", "skip"] = "stop"  # non-finite loss/gradient: stop naming the step, or skip the step
+    router_collapse_entropy: float = 0.2  # a layer whose normalised load entropy falls below this is reported as collapsed
+    router_collapse_stop: bool = False  # stop the run (checkpoints intact) when a router collapses
 
     def validate(self):
         self.method_config = config_from_dict(self.method, prefix="method")
