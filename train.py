@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> dict:
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if needs_gloo(cfg) else [],
     )
     is_main = accelerator.is_main_process
+
+    # --- 3. data: the built-in task suite and/or user files (read before anything slow or written) --
+    train_examples, eval_examples = load_examples(cfg)
     output_dir = Path(cfg.output_dir)
     resume = resolve_resume(cfg.resume_from_checkpoint, output_dir)
     if is_main:
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
 
-    # --- 3. base model and adapter --------------------------------------------------------------
+    # --- 4. base model and adapter --------------------------------------------------------------
     base, tokenizer = resolve_base_model(cfg.base_model, dtype=getattr(torch, cfg.dtype))
     model = moelora.get_moelora_model(base, cfg.method_config, base_model_id=cfg.base_model)
     if cfg.gradient_checkpointing:
@@ -76,8 +79,6 @@ def main(argv: list[str] | None = None) -> dict:
     if is_main:
         model.print_trainable_parameters()
 
-    # --- 4. data: the built-in task suite and/or user files --------------------------------------
-    train_examples, eval_examples = load_examples(cfg)
     train_set = encode_examples(tokenizer, train_examples, cfg.data.max_length)
     collate = Collator(tokenizer.pad_token_id)
     order = BatchOrder(len(train_set), cfg.per_device_train_batch_size, accelerator.num_processes,
@@ -223,7 +224,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML run config (configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. method.k=4 max_steps=20")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after --config
 
 
 def needs_gloo(cfg) -> bool:
@@ -234,11 +235,14 @@ def needs_gloo(cfg) -> bool:
 
 
 def prepare_output_dir(output_dir: Path, cfg, resuming: bool) -> None:
-    """Refuse to mix two runs in one folder; fail early (not after training) if it is unwritable."""
+    """Refuse to mix two runs in one folder; fail early (not after training) if it is unwritable.
+    A folder "holds a run" once it has something to lose: a checkpoint or a saved adapter."""
     from moelora.errors import ConfigError
+    from moelora.training.state import list_checkpoints
 
     marker = output_dir / "run_config.json"
-    if marker.exists() and not resuming and not cfg.overwrite_output_dir:
+    holds_run = (output_dir / "adapter").exists() or bool(list_checkpoints(output_dir))
+    if holds_run and not resuming and not cfg.overwrite_output_dir:
         raise ConfigError("output_dir", f"{output_dir} already holds a run; pass resume_from_checkpoint=true to "
                           "continue it, overwrite_output_dir=true to replace it, or choose another output_dir")
     try:

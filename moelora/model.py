@@ -21,7 +21,7 @@ from torch import nn
 from . import __version__
 from .checkpoint import atomic_dir, check_fingerprint, fingerprint, load_tensors, read_json, save_tensors, write_json
 from .config import suggest
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DataError
 from .layer import AdapterLayer, RoutingContext, linear_dims
 from .registry import config_from_dict, get_method
 
@@ -92,6 +92,7 @@ class MoELoRAModel(nn.Module):
         # Routers read the padding mask from the shared context; it stays set for the backward
         # pass so gradient-checkpoint recomputation routes exactly as the forward did.
         self.context.start_forward(attention_mask, sample_labels)
+        self._check_token_ids(kwargs.get("input_ids", args[0] if args else None))
         out = self.base_model(*args, attention_mask=attention_mask, **kwargs)
         if self.context.aux_losses:
             aux = torch.stack(self.context.aux_losses).sum()
@@ -100,9 +101,19 @@ class MoELoRAModel(nn.Module):
                 out["loss"] = out["loss"] + aux
         return out
 
+    def _check_token_ids(self, input_ids) -> None:
+        """An id outside the vocabulary would fail deep inside the embedding with an opaque index error."""
+        if not torch.is_tensor(input_ids) or input_ids.numel() == 0:
+            return
+        vocab = self.base_model.get_input_embeddings().num_embeddings
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab:
+            raise DataError(f"input_ids holds token id {high if high >= vocab else low}, outside the model's "
+                            f"vocabulary of {vocab} (is the tokenizer the base model's own?)")
+
     def generate(self, *args, attention_mask: torch.Tensor | None = None, sample_labels: torch.Tensor | None = None,
                  **kwargs):
-        self.context.start_forward(attention_mask, sample_labels)
+        self.context.start_forward(attention_mask, sample_labels, generating=True)
         return self.base_model.generate(*args, attention_mask=attention_mask, **kwargs)
 
     def enable_gradient_checkpointing(self) -> None:
@@ -211,13 +222,35 @@ class MoELoRAModel(nn.Module):
             if format == "peft":
                 export_peft_lora(self, tensors, tmp)
             elif format == "moelora":
-                write_json(tmp / CONFIG_NAME, {"method": self.method_config.method_name,
-                                               "moelora_version": __version__,
-                                               "config": self.method_config.to_dict()})
-                save_tensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": "moelora"})
+                self.write_adapter_files(tmp, tensors)
             else:
                 raise ValueError(f"save_pretrained: format must be 'moelora' or 'peft', got {format!r}")
             write_json(tmp / MANIFEST_NAME, info)
+
+    # Hooks of the moelora folder format; subclasses that keep more than adapter tensors (the encoders of
+    # multimodal models) or split them into other files (per-modality PEFT folders) override them.
+    def saved_config(self) -> dict:
+        """What moelora_config.json holds: enough to rebuild an empty model of this kind."""
+        return {"method": self.method_config.method_name, "moelora_version": __version__,
+                "config": self.method_config.to_dict()}
+
+    def write_adapter_files(self, folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+        write_json(folder / CONFIG_NAME, self.saved_config())
+        save_tensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "moelora"})
+
+    def read_adapter_files(self, folder: Path) -> tuple[dict[str, torch.Tensor], str]:
+        """(tensors keyed as `adapter_state_dict`, where they came from) of a folder `write_adapter_files` wrote."""
+        return load_tensors(folder / WEIGHTS_NAME), str(folder / WEIGHTS_NAME)
+
+    @classmethod
+    def from_saved_config(cls, base_model: nn.Module, cfg, base_model_id: str | None, meta: dict) -> MoELoRAModel:
+        """An untrained model for the config `saved_config` wrote (multimodal ones rebuild their encoders)."""
+        if meta.get("encoders") is not None:
+            from .multimodal.model import EncoderConfig, multimodal_model_class
+
+            encoders = EncoderConfig.from_dict(meta["encoders"], prefix="encoders")
+            return multimodal_model_class(cls)(base_model, cfg, base_model_id, encoder_config=encoders)
+        return cls(base_model, cfg, base_model_id)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, path: str | Path, base_model_id: str | None = None,
@@ -235,8 +268,8 @@ class MoELoRAModel(nn.Module):
             if "base_fingerprint" in manifest:
                 check_fingerprint(manifest["base_fingerprint"], base_model, str(path))
             model_cls = get_method(cfg.method_name).model_cls or cls
-            model = model_cls(base_model, cfg, base_model_id or manifest.get("base_model"))
-            model.load_adapter_state_dict(load_tensors(path / WEIGHTS_NAME), where=str(path / WEIGHTS_NAME))
+            model = model_cls.from_saved_config(base_model, cfg, base_model_id or manifest.get("base_model"), meta)
+            model.load_adapter_state_dict(*model.read_adapter_files(path))
         elif (path / "adapter_config.json").is_file():
             model = import_peft_lora(cls, base_model, path, base_model_id)
         else:
@@ -251,11 +284,19 @@ class MoELoRAModel(nn.Module):
         return model
 
 
-def get_moelora_model(base_model: nn.Module, config, base_model_id: str | None = None) -> MoELoRAModel:
-    """Freeze `base_model`, inject the method's layers into its target modules and wrap it."""
+def get_moelora_model(base_model: nn.Module, config, base_model_id: str | None = None,
+                      encoders=None) -> MoELoRAModel:
+    """Freeze `base_model`, inject the method's layers into its target modules and wrap it.
+
+    `encoders` (a `moelora.multimodal.EncoderConfig`) adds trainable image/audio encoders whose outputs
+    replace placeholder tokens (DESIGN §4.5); methods whose model is multimodal by nature have them anyway."""
     if isinstance(config, dict):
         config = config_from_dict(config)
     model_cls = get_method(config.method_name).model_cls or MoELoRAModel
+    if encoders is not None:
+        from .multimodal.model import multimodal_model_class
+
+        return multimodal_model_class(model_cls)(base_model, config, base_model_id, encoder_config=encoders)
     return model_cls(base_model, config, base_model_id)
 
 

@@ -123,7 +123,9 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError("--config", f"{path} is not valid YAML: {exc}") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError("--config", f"{path} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
         if not isinstance(data, dict):
             raise ConfigError("--config", f"{path} must hold a mapping of keys, got {type(data).__name__}")
     for item in overrides:

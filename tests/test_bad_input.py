@@ -1,0 +1,127 @@
+"""Bad input: one clear error each, exit code 2, no traceback, nothing overwritten (README table).
+
+Each case is (id, setup, expected text). `setup(tmp)` returns the extra CLI arguments (train.py cases)
+or runs a library call (loading cases). README's "Bad input" table lists these messages.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import moelora
+from moelora.base_models import resolve_base_model
+from tests.training.test_train_cli import SMORA, TINY, train
+
+
+def _file(tmp, name, text):
+    path = Path(tmp) / name
+    path.write_text(text)
+    return str(path)
+
+
+CLI_CASES = [
+    ("unknown key", lambda t: ["learning_rat=1e-4"], "config key 'learning_rat': unknown key for RunConfig (did you mean 'learning_rate'?)"),
+    ("misspelt method key", lambda t: ["method.kk=3"], "config key 'method.kk': unknown key for SMoRAConfig (did you mean 'k'?)"),
+    ("misspelt data key", lambda t: ["data.max_lenght=64"], "config key 'data.max_lenght': unknown key for DataConfig (did you mean 'max_length'?)"),
+    ("wrong type (int)", lambda t: ["per_device_train_batch_size=eight"], "config key 'per_device_train_batch_size': expected an integer, got 'eight'"),
+    ("wrong type (bool)", lambda t: ["gradient_checkpointing=maybe"], "config key 'gradient_checkpointing': expected true/false, got 'maybe'"),
+    ("k > r", lambda t: ["method={name: smora, r: 8, k: 16}"], "config key 'method.k': must be between 1 and r=8"),
+    ("rank < 1", lambda t: ["method={name: lora, r: 0}"], "config key 'method.r': must be >= 1, got 0"),
+    ("dropout out of range", lambda t: ["method={name: lora, dropout: 1.5}"], "config key 'method.dropout': must be in [0, 1)"),
+    ("unknown method", lambda t: ["method={name: smoraa}"], "config key 'method.name': unknown method 'smoraa'"),
+    ("no such target module", lambda t: ["method={name: lora, target_modules: [qproj]}"], "config key 'method.target_modules': no linear layer named 'qproj'"),
+    ("unknown choice", lambda t: ["lr_scheduler_type=cosin"], "config key 'lr_scheduler_type': expected one of 'cosine'"),
+    ("impossible value", lambda t: ["learning_rate=0"], "config key 'learning_rate': must be > 0"),
+    ("max_steps 0", lambda t: ["max_steps=0"], "config key 'max_steps': must be >= 1"),
+    ("eval_steps missing", lambda t: ["eval_strategy=steps"], "config key 'eval_steps': must be >= 1 when eval_strategy is 'steps'"),
+    ("unknown metric sink", lambda t: ["report_to=[wandb]"], "config key 'report_to': unknown sink 'wandb'"),
+    ("unknown base model", lambda t: ["base_model=smollm3"], "smollm3"),
+    ("missing data file", lambda t: [f"data.train_files=[{t}/nope.jsonl]"], "nope.jsonl"),
+    ("empty data file", lambda t: [f"data.train_files=[{_file(t, 'empty.jsonl', '')}]"], "empty.jsonl"),
+    ("corrupt data file", lambda t: [f"data.train_files=[{_file(t, 'bad.jsonl', '{not json')}]"], "bad.jsonl"),
+    ("data without task field", lambda t: [f"data.train_files=[{_file(t, 'notask.jsonl', json.dumps({'instruction': 'a', 'response': 'b'}))}]"], "task"),
+    ("unknown built-in task", lambda t: ["data.tasks=[addition]"], "addition"),
+    ("response longer than max_length", lambda t: ["data.max_length=8"], "does not fit max_length=8"),
+    ("missing DeepSpeed config", lambda t: [f"deepspeed={t}/ds.json"], "config key 'deepspeed': file not found"),
+    ("resume path is not a checkpoint", lambda t: [f"resume_from_checkpoint={t}"], "is not a complete training checkpoint"),
+    ("resume with no checkpoint", lambda t: ["resume_from_checkpoint=true"], "resume_from_checkpoint: no checkpoint in"),
+    ("unwritable output dir", lambda t: [f"output_dir={_file(t, 'a_file', 'x')}/run"], "config key 'output_dir': cannot write to"),
+    ("invalid YAML config", lambda t: ["--config", _file(t, "bad.yaml", "method: [unclosed")], "is not valid YAML"),
+    ("config is not a mapping", lambda t: ["--config", _file(t, "list.yaml", "- a\n- b\n")], "must hold a mapping of keys"),
+]
+
+
+@pytest.mark.parametrize("case,setup,message", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_train_cli_bad_input(tmp_path, capsys, case, setup, message):
+    extra = setup(tmp_path)
+    args = [*TINY, SMORA, "max_steps=1", *extra]
+    if not any(a.startswith("output_dir=") for a in args):
+        args.append(f"output_dir={tmp_path / 'out'}")
+    code = train.cli(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and message in err, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = moelora.get_moelora_model(resolve_base_model("tiny-random-llama")[0], moelora.SMoRAConfig(r=8, k=2))
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def _load(path):
+    return moelora.MoELoRAModel.from_pretrained(resolve_base_model("tiny-random-llama")[0], path)
+
+
+def test_truncated_safetensors(saved):
+    data = (saved / "adapter_model.safetensors").read_bytes()
+    (saved / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(moelora.CheckpointError, match="corrupt or truncated safetensors file .*adapter_model.safetensors"):
+        _load(saved)
+
+
+def test_corrupt_safetensors(saved):
+    (saved / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(moelora.CheckpointError, match="corrupt or truncated safetensors"):
+        _load(saved)
+
+
+def test_pickle_checkpoint_is_refused(tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    torch.save({"w": torch.zeros(1)}, folder / "adapter_model.bin")
+    with pytest.raises(moelora.CheckpointError, match="only pickle files .*never loads"):
+        _load(folder)
+    with pytest.raises(moelora.CheckpointError, match="pickle checkpoints can run arbitrary code"):
+        moelora.checkpoint.load_tensors(folder / "adapter_model.bin")
+
+
+def test_folder_without_adapter(tmp_path):
+    with pytest.raises(moelora.CheckpointError, match="holds no adapter"):
+        _load(tmp_path)
+    with pytest.raises(moelora.CheckpointError, match="adapter folder not found"):
+        _load(tmp_path / "missing")
+
+
+def test_corrupt_adapter_config(saved):
+    (saved / "moelora_config.json").write_text("{oops")
+    with pytest.raises(moelora.CheckpointError, match="moelora_config.json is not valid JSON"):
+        _load(saved)
+
+
+def test_adapter_config_with_bad_value(saved):
+    meta = json.loads((saved / "moelora_config.json").read_text())
+    meta["config"]["k"] = 99
+    (saved / "moelora_config.json").write_text(json.dumps(meta))
+    with pytest.raises(moelora.ConfigError, match="moelora_config.json.k"):
+        _load(saved)
+
+
+def test_out_of_range_token_ids(tiny_llama):
+    model = moelora.get_moelora_model(tiny_llama[0], moelora.LoRAConfig(r=2))
+    with pytest.raises(moelora.DataError, match="token id 5000, outside the model's vocabulary of 320"):
+        model(input_ids=torch.tensor([[1, 5000]]))
