@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     # --- 2. accelerator: devices, processes, mixed precision, DeepSpeed ----------------------------
     accelerator = Accelerator(
+        # On a machine without GPUs, `accelerate launch --multi_gpu` must still mean data parallel over CPU
+        # processes (gloo); DeepSpeed brings its own CPU accelerator and must not be forced off by cpu=True.
+        cpu=not torch.cuda.is_available() and cfg.deepspeed is None,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg.deepspeed) if cfg.deepspeed else None,
@@ -118,26 +121,37 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     core.reset_router_stats()
     bar = tqdm(total=max_steps, initial=counters["step"], desc="train", unit="step", disable=not is_main)
-    window = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
+    window = {"loss": 0.0, "aux": 0.0, "n": 0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
     last_loss = None
+    world = accelerator.num_processes
     while counters["step"] < max_steps:
         finite = True
+        micro_batches = []
         for _ in range(g):
-            batch = collate([train_set[i] for i in order.indices(counters["micro_step"])])
+            batch = collate([train_set[i] for i in order.indices(counters["micro_step"] + len(micro_batches))])
             labels = core.method_config.task_labels(batch.pop("tasks"))  # for methods routed by task label
             if labels is not None:
                 batch["sample_labels"] = torch.tensor(labels)
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            micro_batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
+        # The loss is a mean over every response token of the optimizer step, on all processes: then
+        # 2 processes x batch b, 1 process x batch 2b and accumulation all give the same gradient.
+        step_tokens = accelerator.reduce(
+            torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches), device=accelerator.device),
+            "sum").clamp(min=1)
+        for batch in micro_batches:
             with accelerator.accumulate(model):
-                out = model(**batch)
-                loss = out.loss  # LM loss + router aux losses (e.g. LoRA-Mixer's SBL), as the model adds them
-                finite = finite and bool(torch.isfinite(loss))
-                accelerator.backward(loss)
+                out = model(**batch, num_items_in_batch=step_tokens)
+                aux = out["aux_loss"] if "aux_loss" in out else 0.0  # router losses (e.g. LoRA-Mixer's SBL)
+                lm = out.loss - aux  # this micro-batch's share of the step's token-mean LM loss
+                finite = finite and bool(torch.isfinite(out.loss))
+                # accelerate divides by g and DDP/DeepSpeed average over processes: undo both for the sum.
+                accelerator.backward(lm * (world * g) + aux)
             counters["micro_step"] += 1
-            window["loss"] += float(loss.detach())
-            window["aux"] += float(out["aux_loss"]) if "aux_loss" in out else 0.0
+            window["loss"] += float(lm.detach())
+            window["aux"] += float(aux)
             window["n"] += 1
             window["tokens"] += int(batch["attention_mask"].sum())
+        window["steps"] += 1
         # The gradient norm (clipped or not) also tells whether any gradient is non-finite.
         norm = accelerator.clip_grad_norm_(core.trainable_parameters(), cfg.max_grad_norm or float("inf"))
         finite = finite and (norm is None or bool(torch.isfinite(torch.as_tensor(norm))))
@@ -162,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
         step = counters["step"]
         if step % cfg.logging_steps == 0 or step == max_steps:
             elapsed = time.perf_counter() - window["t0"]
-            loss_mean = float(accelerator.reduce(torch.tensor(window["loss"] / window["n"], device=accelerator.device), "mean"))
+            loss_sum = accelerator.reduce(torch.tensor(window["loss"], device=accelerator.device), "sum")
+            loss_mean = float(loss_sum) / window["steps"]  # exact token-mean LM loss per step, all processes
             stats = core.router_stats()
             record = {"loss": loss_mean, "lr": scheduler.get_last_lr()[0], "epoch": order.epoch_of(counters["micro_step"]),
                       "tokens_per_s": window["tokens"] * accelerator.num_processes / elapsed,
@@ -186,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
             logger.log(step, record)
             bar.set_postfix(loss=f"{loss_mean:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             core.reset_router_stats()
-            window = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
+            window = {"loss": 0.0, "aux": 0.0, "n": 0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
         if cfg.eval_strategy == "steps" and step % cfg.eval_steps == 0 and step < max_steps and eval_examples:
             if is_main:
                 logger.log(step, {f"eval/{k}": v for k, v in run_eval(core, False)["per_task"].items()})
@@ -199,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     bar.close()
 
     # --- 9. save the adapter, evaluate the trained model, write the tables ------------------------
+    check_router_state_in_sync(accelerator, core)
     summary = {"final_loss": last_loss, "steps": counters["step"]}
     if eval_examples:
         results["trained"] = run_eval(core, False) if is_main else {}
@@ -232,6 +248,22 @@ def needs_gloo(cfg) -> bool:
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.deepspeed is not None
     return distributed and not torch.cuda.is_available()
+
+
+def check_router_state_in_sync(accelerator, core) -> None:
+    """Router buffers (SMoRA's bias) are updated from all-reduced counts, so every process must hold
+    the same values; a difference would mean the processes trained different models."""
+    import torch
+
+    from moelora.errors import TrainingError
+
+    buffers = [b.detach().double().sum() for b in core.adapter_buffers().values()]
+    if accelerator.num_processes == 1 or not buffers:
+        return
+    local = torch.stack(buffers).to(accelerator.device)
+    everyone = accelerator.gather(local[None])
+    if not torch.equal(everyone.min(0).values, everyone.max(0).values):
+        raise TrainingError("router state (e.g. SMoRA's bias) differs between processes; please report this bug")
 
 
 def prepare_output_dir(output_dir: Path, cfg, resuming: bool) -> None:

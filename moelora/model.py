@@ -184,6 +184,15 @@ class MoELoRAModel(nn.Module):
                     out[f"{name}.{key}"] = value
         return out
 
+    def adapter_buffers(self) -> dict[str, torch.Tensor]:
+        """Saved router state that is not trained by gradients (e.g. SMoRA's bias), keyed by layer name."""
+        out = {}
+        for name, layer in self.adapter_layers().items():
+            for key, value in layer.named_buffers():
+                if not key.startswith("base_layer.") and key not in layer._non_persistent_buffers_set:
+                    out[f"{name}.{key}"] = value
+        return out
+
     def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], where: str = "checkpoint") -> None:
         own = self.adapter_state_dict()
         missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))

@@ -1,0 +1,61 @@
+"""Data parallel on CPU: `accelerate launch` with 2 processes (gloo) is the same training as 1 process.
+
+2 processes x batch b must match 1 process x batch 2b: the loss is a token mean over the whole
+optimizer step on all processes, routers update from all-reduced counts, and every process ends with
+identical router state (train.py checks that before saving). Tolerance: losses to 1e-5 relative;
+adapter weights to 1e-3 absolute, because Adam's update divides by sqrt(v), which turns the last-bit
+differences of a different summation order into ~1e-4 changes on near-zero gradients.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.training.test_train_cli import REPO
+
+ARGS = ["base_model=tiny-random-llama", "max_steps=4", "data.tasks=[add, sort_asc]", "data.n_train_per_task=40",
+        "data.n_eval_per_task=0", "eval_before_training=false", "report_to=[jsonl]", "logging_steps=1",
+        "learning_rate=1e-2", "method={name: smora, r: 8, k: 2, bias_update_rate: 1.0}"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out, processes, *extra):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--num_processes", str(processes), "--main_process_port", str(_free_port())]
+    if processes > 1:
+        cmd.append("--multi_gpu")  # with Accelerator(cpu=True) in train.py: 2 CPU processes over gloo
+    cmd += [str(REPO / "train.py"), *ARGS, f"output_dir={out}", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_double_batch(tmp_path):
+    launch(tmp_path / "one", 1, "per_device_train_batch_size=4")
+    launch(tmp_path / "two", 2, "per_device_train_batch_size=2")
+    for a, b in zip(_log(tmp_path / "one"), _log(tmp_path / "two")):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    one = load_file(str(tmp_path / "one/adapter/adapter_model.safetensors"))
+    two = load_file(str(tmp_path / "two/adapter/adapter_model.safetensors"))
+    for key in one:
+        if key.endswith(".bias"):  # integer-valued with u = 1: must be exactly equal
+            assert (one[key] == two[key]).all(), key
+        else:
+            assert float((one[key] - two[key]).abs().max()) < 1e-3, key
+    assert any(float(v.abs().max()) > 0 for k, v in two.items() if k.endswith(".bias"))
