@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     import moelora
     from moelora.base_models import resolve_base_model
     from moelora.data.formatting import Collator, encode_examples
+    from moelora.data.media import MultimodalCollator, encode_multimodal_examples
     from moelora.evaluation import evaluate_exact_match, format_results_table
     from moelora.training.batches import BatchOrder
     from moelora.errors import TrainingError
@@ -75,15 +76,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     # --- 4. base model and adapter --------------------------------------------------------------
     base, tokenizer = resolve_base_model(cfg.base_model, dtype=getattr(torch, cfg.dtype))
-    model = moelora.get_moelora_model(base, cfg.method_config, base_model_id=cfg.base_model)
+    multimodal = cfg.data.suite == "multimodal"  # images/audio: encoders + projectors train with the adapter
+    model = moelora.get_moelora_model(base, cfg.method_config, base_model_id=cfg.base_model,
+                                      encoders=cfg.encoders if multimodal else None)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     base.config.use_cache = False  # no KV cache while training; generation turns it back on
     if is_main:
         model.print_trainable_parameters()
 
-    train_set = encode_examples(tokenizer, train_examples, cfg.data.max_length)
-    collate = Collator(tokenizer.pad_token_id)
+    if multimodal:  # each image/clip becomes a run of placeholder tokens; the collator batches the features
+        train_set = encode_multimodal_examples(tokenizer, train_examples, cfg.data.max_length, model.media_tokens)
+        collate = MultimodalCollator(tokenizer.pad_token_id)
+    else:
+        train_set = encode_examples(tokenizer, train_examples, cfg.data.max_length)
+        collate = Collator(tokenizer.pad_token_id)
     order = BatchOrder(len(train_set), cfg.per_device_train_batch_size, accelerator.num_processes,
                        accelerator.process_index, cfg.seed)
     g = cfg.gradient_accumulation_steps
@@ -93,14 +100,18 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.warmup_ratio * max_steps),
                               num_training_steps=max_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    core = accelerator.unwrap_model(model)  # the MoELoRAModel itself (DDP/DeepSpeed wrap it)
 
-    # --- 6. resume: adapter, optimizer, scheduler, RNG and counters, exactly ---------------------
+    # --- 6. resume (before `prepare` shards anything): adapter, optimizer, scheduler, RNG, counters --
     counters = {"step": 0, "micro_step": 0, "tokens": 0}
     if resume is not None:
-        counters = load_checkpoint(resume, core, optimizer, scheduler)
+        counters = load_checkpoint(resume, model, optimizer, scheduler)
         accelerator.print(f"resumed from {resume} at step {counters['step']}")
+
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+    if deepspeed:
+        fill_deepspeed_autos(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, accelerator.num_processes)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core = accelerator.unwrap_model(model)  # the MoELoRAModel itself (DDP/DeepSpeed wrap it)
 
     # --- 7. evaluate the base model (adapters off) for the before/after table ---------------------
     def run_eval(m, base_only: bool) -> dict:
@@ -207,9 +218,11 @@ def main(argv: list[str] | None = None) -> dict:
                 logger.log(step, {f"eval/{k}": v for k, v in run_eval(core, False)["per_task"].items()})
             accelerator.wait_for_everyone()
         if cfg.save_steps and step % cfg.save_steps == 0 and step < max_steps:
-            if is_main:
-                save_checkpoint(output_dir / f"checkpoint-{step}", core, optimizer, scheduler, counters, manifest)
-                prune_checkpoints(output_dir, cfg.save_total_limit)
+            with core.gathered_adapter():  # ZeRO-3: every process takes part; the main one writes
+                if is_main:  # DeepSpeed shards optimizer moments: its checkpoints restart them on resume
+                    save_checkpoint(output_dir / f"checkpoint-{step}", core, None if deepspeed else optimizer,
+                                    scheduler, counters, manifest)
+                    prune_checkpoints(output_dir, cfg.save_total_limit)
             accelerator.wait_for_everyone()
     bar.close()
 
@@ -218,10 +231,13 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"final_loss": last_loss, "steps": counters["step"]}
     if eval_examples:
         results["trained"] = run_eval(core, False) if is_main else {}
+    with core.gathered_adapter():
+        final_state = {k: v.detach().clone() for k, v in core.adapter_state_dict().items()} if is_main else None
     if is_main:
         manifest["metrics"] = {**summary, **{f"{name}_exact_match": r["per_task"] | {"average": r["average"]}
                                             for name, r in results.items()}}
-        core.save_pretrained(output_dir / "adapter", manifest=manifest, dtype=getattr(torch, cfg.save_dtype))
+        core.save_pretrained(output_dir / "adapter", manifest=manifest, dtype=getattr(torch, cfg.save_dtype),
+                             state=final_state, format=cfg.save_format)
         if results:
             table = format_results_table(results)
             print("\nper-task exact match (held-out split):\n" + table)
@@ -248,6 +264,18 @@ def needs_gloo(cfg) -> bool:
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.deepspeed is not None
     return distributed and not torch.cuda.is_available()
+
+
+def fill_deepspeed_autos(ds: dict, cfg, world: int) -> None:
+    """Resolve the "auto" batch fields of a DeepSpeed JSON from the run config (accelerate would take
+    them from a prepared DataLoader, which train.py does not use: its batch order is its own)."""
+    values = {"train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
+              "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+              "gradient_clipping": cfg.max_grad_norm}
+    for key, value in values.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
 
 
 def check_router_state_in_sync(accelerator, core) -> None:
@@ -290,7 +318,12 @@ def load_examples(cfg) -> tuple[list[dict], list[dict]]:
     from moelora.errors import ConfigError
 
     train, evals = [], []
-    if cfg.data.tasks != "none":
+    if cfg.data.tasks != "none" and cfg.data.suite == "multimodal":
+        from moelora.data.multimodal import build_multimodal_suite  # digits, shapes, espeak-ng speech + text tasks
+
+        train, evals = build_multimodal_suite(cfg.data.tasks, cfg.data.n_train_per_task, cfg.data.n_eval_per_task,
+                                              cfg.seed)
+    elif cfg.data.tasks != "none":
         train, evals = build_task_suite(cfg.data.tasks, cfg.data.n_train_per_task, cfg.data.n_eval_per_task, cfg.seed)
     if cfg.data.train_files:
         train += load_user_data(cfg.data.train_files, task_field=cfg.data.task_field)

@@ -184,6 +184,22 @@ class MoELoRAModel(nn.Module):
                     out[f"{name}.{key}"] = value
         return out
 
+    @contextlib.contextmanager
+    def gathered_adapter(self):
+        """Inside this block the adapter's full tensors are present on this process.
+
+        Under DeepSpeed ZeRO-3 every process holds a shard of each parameter; gathering them is a
+        collective, so every process must enter this block (only one needs to write files inside)."""
+        sharded = [p for layer in self.adapter_layers().values() for n, p in layer.named_parameters()
+                   if not n.startswith("base_layer.") and hasattr(p, "ds_id")]
+        if not sharded:
+            yield self
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None):
+            yield self
+
     def adapter_buffers(self) -> dict[str, torch.Tensor]:
         """Saved router state that is not trained by gradients (e.g. SMoRA's bias), keyed by layer name."""
         out = {}
@@ -217,13 +233,14 @@ class MoELoRAModel(nn.Module):
 
     # --- save / load ------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, format: str = "moelora", dtype: torch.dtype | None = None,
-                        manifest: dict | None = None) -> None:
+                        manifest: dict | None = None, state: dict[str, torch.Tensor] | None = None) -> None:
         """Write the adapter atomically. `format="peft"` writes a folder PEFT's LoRA loads (LoRA only);
-        `dtype` stores the tensors in another precision (e.g. torch.bfloat16 for released checkpoints)."""
+        `dtype` stores the tensors in another precision (e.g. torch.bfloat16 for released checkpoints);
+        `state` is an `adapter_state_dict()` taken earlier (e.g. gathered from ZeRO-3 shards)."""
         from .peft_compat import export_peft_lora
 
         tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
-                   for k, v in self.adapter_state_dict().items()}
+                   for k, v in (state if state is not None else self.adapter_state_dict()).items()}
         info = {"base_model": self.base_model_id, "base_fingerprint": self.base_fingerprint,
                 "moelora_version": __version__, "method": self.method_config.method_name,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(manifest or {})}

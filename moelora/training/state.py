@@ -49,8 +49,11 @@ def _optimizer_from_flat(optimizer, tensors: dict, meta: dict) -> None:
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, counters: dict, manifest: dict) -> None:
-    """Write checkpoint folder `path` atomically (adapter + optimizer + scheduler + RNG + counters)."""
-    opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
+    """Write checkpoint folder `path` atomically (adapter + optimizer + scheduler + RNG + counters).
+
+    `optimizer=None` (DeepSpeed, which shards the optimizer state across processes) saves everything
+    but the optimizer moments; resuming such a checkpoint restarts them."""
+    opt_tensors, opt_meta = _optimizer_to_flat(optimizer) if optimizer is not None else ({}, None)
     opt_tensors["rng.torch"] = torch.get_rng_state()
     py_state = random.getstate()
     np_state = np.random.get_state()
@@ -73,7 +76,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     meta = read_json(path / STATE_JSON, "trainer state")
     model.load_adapter_state_dict(load_tensors(path / "adapter" / WEIGHTS_NAME), where=str(path / "adapter"))
     tensors = load_tensors(path / STATE_TENSORS)
-    _optimizer_from_flat(optimizer, tensors, meta["optimizer"])
+    if meta["optimizer"] is not None and optimizer is not None:
+        _optimizer_from_flat(optimizer, tensors, meta["optimizer"])
     scheduler.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
     py = meta["rng"]["python"]

@@ -29,10 +29,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def launch(out, processes, *extra):
+def launch(out, processes, *extra, zero=None):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--num_processes", str(processes), "--main_process_port", str(_free_port())]
-    if processes > 1:
+    if zero is not None:
+        ds_json = str(REPO / f"configs/deepspeed/zero{zero}.json")
+        cmd += ["--use_deepspeed", "--deepspeed_config_file", ds_json]
+        extra = (*extra, f"deepspeed={ds_json}")
+    elif processes > 1:
         cmd.append("--multi_gpu")  # with Accelerator(cpu=True) in train.py: 2 CPU processes over gloo
     cmd += [str(REPO / "train.py"), *ARGS, f"output_dir={out}", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
@@ -59,3 +63,45 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
         else:
             assert float((one[key] - two[key]).abs().max()) < 1e-3, key
     assert any(float(v.abs().max()) > 0 for k, v in two.items() if k.endswith(".bias"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+def test_deepspeed_zero_two_processes(tmp_path, zero):
+    """ZeRO-2/3 with 2 CPU processes: same losses as plain data parallel, full (unsharded) adapter tensors
+    in checkpoints and final adapter, and the ZeRO-3 adapter loads in a single process."""
+    import torch
+
+    import moelora
+    from moelora.base_models import resolve_base_model
+
+    launch(tmp_path / "ddp", 2, "per_device_train_batch_size=2")
+    launch(tmp_path / "zero", 2, "per_device_train_batch_size=2", "save_steps=2", zero=zero)
+    for a, b in zip(_log(tmp_path / "ddp"), _log(tmp_path / "zero")):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+    reference = moelora.get_moelora_model(resolve_base_model("tiny-random-llama")[0],
+                                          moelora.SMoRAConfig(r=8, k=2)).adapter_state_dict()
+    for folder in ("zero/adapter", "zero/checkpoint-2/adapter"):
+        tensors = load_file(str(tmp_path / folder / "adapter_model.safetensors"))
+        assert {k: v.shape for k, v in tensors.items()} == {k: v.shape for k, v in reference.items()}, folder
+
+    batch = {"input_ids": torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(0))}
+    logits = {}
+    for name in ("ddp", "zero"):
+        model = moelora.MoELoRAModel.from_pretrained(resolve_base_model("tiny-random-llama")[0],
+                                                     tmp_path / name / "adapter")
+        with torch.no_grad():
+            logits[name] = model(**batch).logits
+    torch.testing.assert_close(logits["zero"], logits["ddp"], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_an_expert_without_tokens_on_one_process_does_not_hang(tmp_path):
+    """k=1 of 8 ranks with one example per process: some ranks get no token on a process in a step.
+    Every adapter parameter still takes part in every forward (dense shrink/expand with zero gates) and
+    routers all-reduce every count, so no collective waits for a process that skipped an expert."""
+    launch(tmp_path / "run", 2, "per_device_train_batch_size=1", "method={name: smora, r: 8, k: 1}",
+           zero=3)
+    dead = [r for r in _log(tmp_path / "run") if r.get("router/dead_layers")]
+    assert dead, "expected experts without tokens on the main process"
