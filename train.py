@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
                 accelerator.backward(lm * (world * g) + aux)
             counters["micro_step"] += 1
             window["loss"] += float(lm.detach())
-            window["aux"] += float(aux)
+            window["aux"] += float(aux.detach()) if torch.is_tensor(aux) else float(aux)
             window["n"] += 1
             window["tokens"] += int(batch["attention_mask"].sum())
         window["steps"] += 1

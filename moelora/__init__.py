@@ -8,13 +8,13 @@
 __version__ = "0.1.0"
 
 from .errors import BaseModelError, CheckpointError, ConfigError, DataError, MoeloraError  # noqa: E402
-from .methods import LoRAConfig, SMoRAConfig  # noqa: E402
+from .methods import LoRAConfig, LoRAMixerConfig, MixLoRAConfig, ModalityLoRAConfig, SMoRAConfig, XLoRAConfig  # noqa: E402
 from .model import MoELoRAModel, get_moelora_model, load  # noqa: E402
 from .ops import rank_activation  # noqa: E402
 from .registry import METHODS, config_from_dict, get_method, register_method  # noqa: E402
 
 __all__ = [
     "__version__", "MoeloraError", "ConfigError", "DataError", "CheckpointError", "BaseModelError",
-    "LoRAConfig", "SMoRAConfig", "MoELoRAModel", "get_moelora_model", "load", "rank_activation",
+    "LoRAConfig", "LoRAMixerConfig", "MixLoRAConfig", "ModalityLoRAConfig", "SMoRAConfig", "XLoRAConfig", "MoELoRAModel", "get_moelora_model", "load", "rank_activation",
     "METHODS", "config_from_dict", "get_method", "register_method",
 ]

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from moelora.data.formatting import end_of_turn_token, split_prompt_response
+from moelora.data.media import encode_prompts
 from moelora.errors import DataError
 
 
@@ -45,7 +46,8 @@ def evaluate_exact_match(
     if pad_id is None:
         raise DataError(f"tokenizer '{tokenizer.name_or_path}' has neither a pad nor an eos token")
     pairs = [split_prompt_response(tokenizer, ex) for ex in examples]
-    prompt_ids = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    # Images/audio become placeholder runs sized by the model's encoders; text prompts tokenize as always.
+    prompt_ids, media = encode_prompts(tokenizer, examples, getattr(model, "media_tokens", None))
     order = sorted(range(len(examples)), key=lambda i: len(prompt_ids[i]))
     stop = _stop_ids(tokenizer)
     device = _device_of(model)
@@ -56,6 +58,8 @@ def evaluate_exact_match(
 
         batches = tqdm(batches, desc="eval (exact match)", unit="batch", leave=False)
     answers: list[str] = [""] * len(examples)
+    # Methods that route by task label (LoRA-Mixer's stage 1) get each prompt's label, as in training.
+    task_labels = getattr(getattr(model, "method_config", None), "task_labels", None)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -69,12 +73,16 @@ def evaluate_exact_match(
                     k = len(prompt_ids[i])
                     input_ids[row, width - k :] = torch.as_tensor(prompt_ids[i], dtype=torch.long)
                     attention_mask[row, width - k :] = 1
+                labels = task_labels([examples[i].get("task") for i in idx]) if task_labels else None
+                routing = {"sample_labels": torch.tensor(labels, device=device)} if labels is not None else {}
                 out = model.generate(
+                    **routing,
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     pad_token_id=pad_id,
+                    **(media.batch(idx, width) if media is not None else {}),
                 )
                 seqs = out.sequences if hasattr(out, "sequences") else out
                 new = seqs[:, width:].tolist()  # generate returns prompt + new tokens

@@ -29,11 +29,21 @@ class RoutingContext:
         self.token_mask: torch.Tensor | None = None  # [batch, seq] bool: True for real (non-pad) tokens
         self.sample_labels: torch.Tensor | None = None  # [batch] int: e.g. task ids for routing by label
         self.aux_losses: list[torch.Tensor] = []  # router losses added by layers during this forward
+        # Per-sequence routers (MixLoRA) route a generate() call once, on the prompt, and reuse that choice
+        # for every decode step: `generating` says the forwards since `start_forward` are one generate call,
+        # `forward_id` tells a layer whether the choice it kept belongs to this call.
+        self.generating = False
+        self.forward_id = 0
+        # Gates a model-level router computed before this forward, read by every layer (X-LoRA: the
+        # classifier's per-token, per-layer scalings [batch, seq, layers, experts]); None otherwise.
+        self.model_gates = None
 
-    def start_forward(self, attention_mask=None, sample_labels=None) -> None:
+    def start_forward(self, attention_mask=None, sample_labels=None, generating: bool = False) -> None:
         self.token_mask = attention_mask.bool() if attention_mask is not None else None
         self.sample_labels = sample_labels
         self.aux_losses = []
+        self.generating = generating
+        self.forward_id += 1
 
     def flat_mask(self, n_tokens: int) -> torch.Tensor | None:
         """The mask flattened to the layer's N tokens, or None when it does not describe this input

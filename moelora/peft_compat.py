@@ -23,9 +23,8 @@ _UNSUPPORTED = {  # adapter_config.json fields whose non-default values our LoRA
 }
 
 
-def import_peft_lora(model_cls, base_model, path: Path, base_model_id=None):
-    from .methods.lora import LoRAConfig
-
+def read_peft_lora_config(path: Path) -> dict:
+    """adapter_config.json of a PEFT LoRA folder, refusing what our LoRA cannot represent exactly."""
     cfg = read_json(path / "adapter_config.json", "PEFT adapter config")
     peft_type = cfg.get("peft_type")
     if peft_type != "LORA":
@@ -34,15 +33,32 @@ def import_peft_lora(model_cls, base_model, path: Path, base_model_id=None):
     for key, allowed in _UNSUPPORTED.items():
         if key in cfg and cfg[key] not in allowed:
             raise CheckpointError(f"{path}/adapter_config.json: '{key}': {cfg[key]!r} is not supported by moelora's LoRA")
+    return cfg
+
+
+def peft_weights_file(path: Path) -> Path:
+    """The safetensors weights of a PEFT folder; a pickle-only folder is refused by name."""
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file() and (path / "adapter_model.bin").is_file():
+        raise CheckpointError(f"refusing to load {path}/adapter_model.bin: pickle checkpoints can run arbitrary "
+                              "code; save the PEFT adapter with safe_serialization=True")
+    return weights
+
+
+def import_peft_lora(model_cls, base_model, path: Path, base_model_id=None):
+    from .methods.lora import LoRAConfig
+
+    if read_json(path / "adapter_config.json", "PEFT adapter config").get("peft_type") == "XLORA":
+        from .methods.xlora_peft import import_peft_xlora  # PEFT X-LoRA folders load as our X-LoRA
+
+        return import_peft_xlora(base_model, path, base_model_id)
+    cfg = read_peft_lora_config(path)
     target = cfg.get("target_modules")
     if isinstance(target, (set, tuple)):
         target = sorted(target)
     config = LoRAConfig(r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", cfg["r"])), target_modules=target,
                         dropout=float(cfg.get("lora_dropout", 0.0)), use_rslora=bool(cfg.get("use_rslora", False)))
-    weights = path / "adapter_model.safetensors"
-    if not weights.is_file() and (path / "adapter_model.bin").is_file():
-        raise CheckpointError(f"refusing to load {path}/adapter_model.bin: pickle checkpoints can run arbitrary "
-                              "code; save the PEFT adapter with safe_serialization=True")
+    weights = peft_weights_file(path)
     tensors = {}
     for key, value in load_tensors(weights).items():
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key

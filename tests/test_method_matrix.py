@@ -1,6 +1,7 @@
 """The shared matrix: every registered method through the same save/load/train/config invariants.
 
-Adding a method = one row in METHOD_CASES (a small config for the tiny models).
+Adding a method = one row in METHOD_CASES (a small config for the tiny models), plus one in ROW_INPUTS if
+the method needs more than token ids (images, audio).
 """
 
 import json
@@ -12,14 +13,45 @@ import pytest
 import torch
 
 import moelora
-from moelora.base_models import resolve_base_model
+from moelora.base_models import build_tiny_tokenizer, resolve_base_model
 from tests.conftest import randomize_adapters
+from tests.multimodal_batches import base_inputs, mixed_batch
 
 METHOD_CASES = {
     "lora": {"r": 4, "alpha": 8},
     "smora": {"r": 8, "k": 2, "alpha": 4},
+    "mixlora": {"num_factors": 6, "r": 2, "alpha": 4},
+    # fresh experts trained jointly with the router (soft mixture), top-2 of 3 at inference
+    "lora_mixer": {"experts": 3, "r": 2, "alpha": 4, "top_k": 2, "stage": "joint_stage2", "train_experts": True},
+    # fresh trainable experts (PEFT X-LoRA needs folders; the matrix needs something that trains) + a depth-2 classifier
+    "xlora": {"experts": 2, "r": 2, "alpha": 4, "use_trainable_adapters": True, "xlora_depth": 2, "xlora_size": 8,
+              "layerwise_scalings": True},
+    # one LoRA per modality; the row's batch mixes text, image, audio and image+audio samples
+    "modality": {"vision_r": 2, "vision_alpha": 4, "speech_r": 2, "speech_alpha": 4},
 }
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
+SAVED_FILES = ["adapter_model.safetensors", "manifest.json", "moelora_config.json"]
+# Rows whose inputs are more than token ids: "batch" builds the row's batch from (model, text batch),
+# "base_inputs" what the plain base LM must be fed to see what the model sees, "files" what save writes.
+ROW_INPUTS = {
+    "modality": {"batch": lambda model, batch: mixed_batch(model, build_tiny_tokenizer()), "base_inputs": base_inputs,
+                 "files": ["encoders.safetensors", "manifest.json", "moelora_config.json", "speech-lora", "vision-lora"]},
+}
+
+
+def _batch(method, model, batch):
+    row = ROW_INPUTS.get(method)
+    return row["batch"](model, batch) if row else batch
+
+
+def _base_view(method, model, batch):
+    row = ROW_INPUTS.get(method)
+    return row["base_inputs"](model, batch) if row else batch
+
+
+def _text_only(batch):
+    """What the plain base LM reads: the token ids (a multimodal model with adapters off reads the same)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask")}
 
 
 def test_every_registered_method_has_a_row():
@@ -44,7 +76,8 @@ def _logits(model, batch):
 @pytest.mark.parametrize("method", METHOD_CASES)
 def test_fresh_adapter_is_identity_and_base_is_frozen(method, batch):
     model = _model(method)
-    base_logits = _logits(resolve_base_model("tiny-random-llama")[0], batch)
+    batch = _batch(method, model, batch)
+    base_logits = _logits(resolve_base_model("tiny-random-llama")[0], _base_view(method, model, batch))
     torch.testing.assert_close(_logits(model, batch), base_logits)  # B = 0 at init
     assert all(not p.requires_grad for n, p in model.named_parameters() if "base_layer" in n or "embed" in n)
     assert model.trainable_parameters()
@@ -53,6 +86,7 @@ def test_fresh_adapter_is_identity_and_base_is_frozen(method, batch):
 @pytest.mark.parametrize("method", METHOD_CASES)
 def test_train_step_changes_only_adapter(method, batch):
     model = _model(method)
+    batch = _batch(method, model, batch)
     randomize_adapters(model, seed=1)
     frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
     trained = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -70,12 +104,12 @@ def test_train_step_changes_only_adapter(method, batch):
 @pytest.mark.parametrize("method", METHOD_CASES)
 def test_save_load_in_fresh_process_gives_identical_logits(method, base_name, batch, tmp_path):
     model = _model(method, base_name)
+    batch = _batch(method, model, batch)
     randomize_adapters(model, seed=2)
     model.update_router_state()
     want = _logits(model, batch)
     model.save_pretrained(tmp_path / "adapter")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
-        "adapter_model.safetensors", "manifest.json", "moelora_config.json"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ROW_INPUTS.get(method, {}).get("files", SAVED_FILES)
     torch.save(batch, tmp_path / "batch.pt")  # test-only input exchange; checkpoints never use pickle
     script = textwrap.dedent(f"""
         import torch, moelora
@@ -120,6 +154,7 @@ def test_config_roundtrip_and_unknown_key(method):
 @pytest.mark.parametrize("method", METHOD_CASES)
 def test_merge_follows_the_method(method, batch):
     model = _model(method)
+    batch = _batch(method, model, batch)
     randomize_adapters(model, seed=4)
     want = _logits(model, batch)
     if moelora.get_method(method).layer_cls.mergeable:
@@ -133,8 +168,9 @@ def test_merge_follows_the_method(method, batch):
 @pytest.mark.parametrize("method", METHOD_CASES)
 def test_disable_adapter_gives_base_logits(method, batch):
     model = _model(method)
+    batch = _batch(method, model, batch)
     randomize_adapters(model, seed=6)
-    base_logits = _logits(resolve_base_model("tiny-random-llama")[0], batch)
+    base_logits = _logits(resolve_base_model("tiny-random-llama")[0], _text_only(batch))
     with model.disable_adapter():
         torch.testing.assert_close(_logits(model, batch), base_logits)
     assert not torch.allclose(_logits(model, batch), base_logits)
@@ -149,7 +185,7 @@ def test_backends_give_same_outputs_and_gradients(method, batch, monkeypatch):
         model = _model(method)
         randomize_adapters(model, seed=8)
         model.train()
-        out = model(**batch, labels=batch["input_ids"])
+        out = model(**_batch(method, model, batch), labels=_batch(method, model, batch)["input_ids"])
         out.loss.backward()
         results.append((out.logits.detach(), [p.grad for p in model.trainable_parameters()]))
     (logits_t, grads_t), (logits_k, grads_k) = results

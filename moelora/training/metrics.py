@@ -15,12 +15,20 @@ def summarise_router_stats(stats: dict[str, dict]) -> dict[str, float]:
     if not stats:
         return {}
     n = len(stats)
-    return {
+    out = {
         "router/load_entropy": sum(s["load_entropy"] for s in stats.values()) / n,
         "router/gate_entropy": sum(s["gate_entropy"] for s in stats.values()) / n,
         "router/max_load": max(s["max_load"] for s in stats.values()),
         "router/dead_experts": float(sum(len(s["dead"]) for s in stats.values())),
     }
+    # Router-loss terms a method reports per layer (LoRA-Mixer: balance, entropy, preserve) -> aux/<term>,
+    # averaged over the layers that report them, so each coefficient's effect can be read in the log.
+    terms: dict[str, list[float]] = {}
+    for s in stats.values():
+        for name, value in s.get("loss_terms", {}).items():
+            terms.setdefault(name, []).append(value)
+    out.update({f"aux/{name}": sum(v) / len(v) for name, v in terms.items()})
+    return out
 
 
 def router_health(stats: dict[str, dict], min_load_entropy: float) -> dict[str, list]:

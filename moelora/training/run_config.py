@@ -15,13 +15,15 @@ import yaml
 
 from ..config import StrictConfig, suggest
 from ..errors import ConfigError
-from ..registry import config_from_dict
+from ..multimodal.encoders import EncoderConfig
+from ..registry import config_from_dict, get_method
 
 
 @dataclasses.dataclass
 class DataConfig(StrictConfig):
     _prefix = "data"
 
+    suite: Literal["text", "multimodal"] = "text"  # built-in suite: generated text tasks, or images + speech + text
     tasks: list[str] | str = "all"  # built-in suite: "all", "none", or a list of task names
     train_files: list[str] = dataclasses.field(default_factory=list)  # user JSONL/Parquet files (with a task field)
     eval_files: list[str] = dataclasses.field(default_factory=list)  # user eval files; built-in tasks bring their own split
@@ -42,6 +44,7 @@ class RunConfig(StrictConfig):
     base_model: str = "smollm2-135m-instruct"  # embedded default; or tiny-random-llama, or a local HF folder
     method: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "smora"})  # method config fields + name
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    encoders: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)  # image/audio encoders (data.suite: multimodal)
     output_dir: str = "runs/smora"  # adapter, checkpoints, logs and eval tables go here
     overwrite_output_dir: bool = False  # refuse to write over another run's output unless asked
     seed: int = 42  # data generation, shuffling and adapter init
@@ -70,12 +73,22 @@ class RunConfig(StrictConfig):
     deepspeed: str | None = None  # path to a DeepSpeed JSON (configs/deepspeed/zero2.json) to run under ZeRO
     num_threads: int = 0  # torch CPU threads per process (0: torch's default)
     save_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # precision of the saved adapter
+    save_format: Literal["moelora", "peft"] = "moelora"  # final adapter as a PEFT LoRA folder (LoRA only): e.g. an expert
     nan_policy: Literal["stop", "skip"] = "stop"  # non-finite loss/gradient: stop naming the step, or skip the step
     router_collapse_entropy: float = 0.2  # a layer whose normalised load entropy falls below this is reported as collapsed
     router_collapse_stop: bool = False  # stop the run (checkpoints intact) when a router collapses
 
     def validate(self):
         self.method_config = config_from_dict(self.method, prefix="method")
+        from ..multimodal.model import MultimodalLoRAModel
+
+        model_cls = get_method(self.method_config.method_name).model_cls
+        if model_cls is not None and issubclass(model_cls, MultimodalLoRAModel) and self.data.suite != "multimodal":
+            raise ConfigError("data.suite", f"method '{self.method_config.method_name}' routes by images/audio: "
+                              "set data.suite: multimodal")
+        if self.save_format == "peft" and self.method_config.method_name != "lora":
+            raise ConfigError("save_format", f"'peft' writes plain LoRA folders; method "
+                              f"'{self.method_config.method_name}' has no PEFT equivalent (use moelora)")
         positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",
                     "eval_max_new_tokens", "logging_steps", "save_total_limit"]
         for name in positive:
@@ -132,7 +145,7 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
         keys, value = parse_override(item)
         node = data
         for depth, key in enumerate(keys[:-1]):
-            if key not in ("method", "data") and depth == 0:
+            if key not in ("method", "data", "encoders") and depth == 0:
                 raise ConfigError(".".join(keys), f"'{key}' has no sub-keys{suggest(key, RunConfig.field_names())}")
             node = node.setdefault(key, {})
         node[keys[-1]] = value

@@ -71,10 +71,8 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, counters: dict, man
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore a checkpoint written by `save_checkpoint`; returns its counters."""
-    from ..model import WEIGHTS_NAME
-
     meta = read_json(path / STATE_JSON, "trainer state")
-    model.load_adapter_state_dict(load_tensors(path / "adapter" / WEIGHTS_NAME), where=str(path / "adapter"))
+    model.load_adapter_state_dict(*model.read_adapter_files(path / "adapter"))  # the files save_pretrained wrote
     tensors = load_tensors(path / STATE_TENSORS)
     if meta["optimizer"] is not None and optimizer is not None:
         _optimizer_from_flat(optimizer, tensors, meta["optimizer"])

@@ -1,0 +1,210 @@
+"""Modality routing, Phi-4-multimodal style (Microsoft, arXiv 2503.01743): one LoRA per modality.
+
+A frozen LM gets one LoRA for vision and one for speech, plus image/audio encoders and projectors
+(`moelora.multimodal`). The "router" is the input's modality, as in Phi-4 (DESIGN §4.5):
+
+    text only       -> no adapter: exactly the base model
+    image(s)        -> the vision LoRA
+    audio only      -> the speech LoRA
+    image + audio   -> the vision LoRA (Phi-4's VISION_SPEECH mode)
+
+Beyond Phi-4 (one mode per batch), the mode is chosen per *sample*, so one batch may mix text, image and
+audio samples: every token of a sample uses its sample's LoRA, through `rank_activation` with k = 1 and
+block index -1 ("no adapter") for text samples. Each modality keeps its own rank and alpha: both LoRAs
+live in one bank of two blocks padded to the larger rank with zero rows (zero rows get zero gradients,
+so they stay zero) and the per-modality scale alpha_m / r_m rides on the gate.
+
+Saved as Phi-4's Hugging Face port ships its adapters: `vision-lora/` and `speech-lora/` PEFT LoRA
+folders (each loads with `peft.PeftModel.from_pretrained` on the base LM), plus `encoders.safetensors`
+and moelora's config/manifest, so `MoELoRAModel.from_pretrained` restores everything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import load_tensors, read_json, save_tensors, write_json
+from ..config import MethodConfig
+from ..errors import CheckpointError
+from ..layer import AdapterLayer, kaiming_uniform_
+from ..model import CONFIG_NAME
+from ..multimodal.model import MultimodalLoRAModel
+from ..ops import rank_activation
+from ..peft_compat import PEFT_PREFIX
+from ..registry import register_method
+
+MODALITIES = ("vision", "speech")  # block 0, block 1 of every layer's bank
+ENCODERS_NAME = "encoders.safetensors"
+
+
+@dataclasses.dataclass
+class ModalityLoRAConfig(MethodConfig):
+    vision_r: int = 16  # rank of the vision LoRA (Phi-4: 256 on a 3072-wide LM; 16 on SmolLM2's 576)
+    vision_alpha: float = 32.0  # alpha/r = 2, as both of Phi-4's LoRAs
+    speech_r: int = 16  # rank of the speech LoRA (Phi-4: 320)
+    speech_alpha: float = 32.0  # alpha/r = 2, as Phi-4
+
+    def validate(self) -> None:
+        super().validate()
+        for m in MODALITIES:
+            if getattr(self, f"{m}_r") < 1:
+                raise self.error(f"{m}_r", f"must be >= 1, got {getattr(self, f'{m}_r')}")
+            if getattr(self, f"{m}_alpha") <= 0:
+                raise self.error(f"{m}_alpha", f"must be > 0, got {getattr(self, f'{m}_alpha')}")
+
+    def rank(self, modality: str) -> int:
+        return getattr(self, f"{modality}_r")
+
+    def scaling(self, modality: str) -> float:
+        return getattr(self, f"{modality}_alpha") / self.rank(modality)
+
+
+class ModalityLoRALayer(AdapterLayer):
+    def __init__(self, base_layer, config: ModalityLoRAConfig, context):
+        super().__init__(base_layer, config, context)
+        w = base_layer.weight
+        self.block = max(config.rank(m) for m in MODALITIES)
+        bank = len(MODALITIES) * self.block
+        self.lora_A = nn.Parameter(torch.zeros(bank, self.in_features, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, bank, dtype=w.dtype, device=w.device))
+        with torch.no_grad():
+            for i, m in enumerate(MODALITIES):
+                kaiming_uniform_(self.lora_A[i * self.block: i * self.block + config.rank(m)])
+        self.register_buffer("scales", torch.tensor([config.scaling(m) for m in MODALITIES], dtype=torch.float32,
+                                                    device=w.device), persistent=False)
+
+    def update(self, x, out):
+        modes = self.context.sample_labels  # [batch] modality block per sample, -1 = text (set by the model)
+        if modes is None:
+            return out  # an all-text batch: the base model, bit for bit
+        idx = modes.to(x.device).repeat_interleave(x.shape[0] // modes.shape[0]).unsqueeze(1)  # [N, 1]
+        gates = self.scales[idx.clamp(min=0)].to(x.dtype)  # alpha_m / r_m; the op zeroes idx -1 slots
+        return rank_activation(x, self.lora_A, self.lora_B, idx, idx, gates, 1.0, block=self.block, out=out)
+
+    def modality_weights(self, i: int, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, d_in], B [d_out, r]) of one modality's LoRA, without the padding."""
+        lo, r = i * self.block, self.config.rank(modality)
+        return self.lora_A[lo:lo + r], self.lora_B[:, lo:lo + r]
+
+
+class ModalityLoRAModel(MultimodalLoRAModel):
+    """Multimodal model whose adapter is chosen by each sample's modality."""
+
+    @staticmethod
+    def modes(media_mask: torch.Tensor) -> torch.Tensor:
+        """[batch] block per sample: 0 vision (any image, with or without audio), 1 speech, -1 text."""
+        has_image = (media_mask == 1).any(1)
+        has_audio = (media_mask == 2).any(1)
+        modes = torch.full_like(has_image, -1, dtype=torch.long)
+        modes[has_audio] = MODALITIES.index("speech")
+        modes[has_image] = MODALITIES.index("vision")
+        return modes
+
+    def _labels(self, media_mask, sample_labels):
+        if sample_labels is not None or media_mask is None or not self.media_enabled:
+            return sample_labels
+        modes = self.modes(media_mask)
+        # None: no sample takes an adapter, so layers skip the op. While training, an all-text micro-batch
+        # still runs it (adding exact zeros) so that its loss has a graph to backpropagate through.
+        return modes if self.training or bool((modes >= 0).any()) else None
+
+    def forward(self, input_ids=None, attention_mask=None, media_mask=None, images=None, audio=None,
+                sample_labels=None, **kwargs):
+        return super().forward(input_ids, attention_mask, media_mask, images, audio,
+                               self._labels(media_mask, sample_labels), **kwargs)
+
+    def generate(self, input_ids=None, attention_mask=None, media_mask=None, images=None, audio=None,
+                 sample_labels=None, **kwargs):
+        return super().generate(input_ids, attention_mask, media_mask, images, audio,
+                                self._labels(media_mask, sample_labels), **kwargs)
+
+    # --- files: one PEFT LoRA folder per modality + the encoders ---------------------------------------
+    def _peft_config(self, modality: str) -> dict:
+        from transformers.pytorch_utils import Conv1D
+
+        cfg = self.method_config
+        conv1d = any(isinstance(layer.base_layer, Conv1D) for layer in self.adapter_layers().values())
+        return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": self.base_model_id or None,
+                "r": cfg.rank(modality), "lora_alpha": getattr(cfg, f"{modality}_alpha"), "lora_dropout": cfg.dropout,
+                "target_modules": cfg.target_modules, "use_rslora": False, "fan_in_fan_out": conv1d, "bias": "none",
+                "inference_mode": True, "init_lora_weights": True, "modules_to_save": None}
+
+    def write_adapter_files(self, folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+        write_json(folder / CONFIG_NAME, self.saved_config())
+        save_tensors(folder / ENCODERS_NAME, {k[len("encoders."):]: v for k, v in tensors.items()
+                                              if k.startswith("encoders.")}, metadata={"format": "moelora"})
+        for i, modality in enumerate(MODALITIES):
+            sub = folder / f"{modality}-lora"
+            sub.mkdir()
+            write_json(sub / "adapter_config.json", self._peft_config(modality))
+            peft = {}
+            for name, layer in self.adapter_layers().items():
+                lo, r = i * layer.block, self.method_config.rank(modality)
+                peft[f"{PEFT_PREFIX}{name}.lora_A.weight"] = tensors[f"{name}.lora_A"][lo:lo + r]
+                peft[f"{PEFT_PREFIX}{name}.lora_B.weight"] = tensors[f"{name}.lora_B"][:, lo:lo + r]
+            save_tensors(sub / "adapter_model.safetensors", peft, metadata={"format": "pt"})
+
+    def read_adapter_files(self, folder: Path) -> tuple[dict[str, torch.Tensor], str]:
+        folder = Path(folder)
+        tensors = {f"encoders.{k}": v for k, v in load_tensors(folder / ENCODERS_NAME).items()}
+        for i, modality in enumerate(MODALITIES):
+            sub = folder / f"{modality}-lora"
+            peft_cfg = read_json(sub / "adapter_config.json", f"{modality} PEFT adapter config")
+            want = (self.method_config.rank(modality), float(getattr(self.method_config, f"{modality}_alpha")))
+            got = (peft_cfg.get("r"), float(peft_cfg.get("lora_alpha", peft_cfg.get("r", 0))))
+            if got != want:
+                raise CheckpointError(f"{sub}/adapter_config.json: r/lora_alpha {got} differ from {folder / CONFIG_NAME}'s "
+                                      f"{modality}_r/{modality}_alpha {want}")
+            self._fill_from_peft(tensors, i, modality, sub)
+        return tensors, str(folder)
+
+    def _fill_from_peft(self, tensors: dict, i: int, modality: str, sub: Path) -> None:
+        """Copy one modality's PEFT LoRA tensors into block i of every layer's (zero-padded) bank."""
+        own = self.adapter_state_dict()
+        peft = load_tensors(sub / "adapter_model.safetensors")
+        r = self.method_config.rank(modality)
+        for name, layer in self.adapter_layers().items():
+            lo = i * layer.block
+            for leaf in ("lora_A", "lora_B"):
+                key = f"{PEFT_PREFIX}{name}.{leaf}.weight"
+                if key not in peft:
+                    raise CheckpointError(f"{sub}/adapter_model.safetensors has no tensor '{key}' "
+                                          "(different target_modules?)")
+                full = tensors.setdefault(f"{name}.{leaf}", torch.zeros_like(own[f"{name}.{leaf}"]))
+                part = full[lo:lo + r] if leaf == "lora_A" else full[:, lo:lo + r]
+                if part.shape != peft[key].shape:
+                    raise CheckpointError(f"{sub}/adapter_model.safetensors: '{key}' has shape "
+                                          f"{list(peft[key].shape)}, expected {list(part.shape)}")
+                part.copy_(peft[key])
+
+    @classmethod
+    def from_peft_folders(cls, base_model, folders: dict, encoder_config=None, base_model_id=None) -> "ModalityLoRAModel":
+        """Both LoRAs from PEFT LoRA folders ({"vision": dir, "speech": dir}, e.g. Phi-4's vision-lora/ and
+        speech-lora/), each with its own rank and alpha; the encoders start fresh."""
+        if set(folders) != set(MODALITIES):
+            raise CheckpointError(f"from_peft_folders needs one folder per modality {list(MODALITIES)}, got {sorted(folders)}")
+        cfgs = {m: read_json(Path(folders[m]) / "adapter_config.json", f"{m} PEFT adapter config") for m in MODALITIES}
+        for m, c in cfgs.items():
+            if c.get("peft_type") != "LORA" or c.get("use_rslora") or c.get("use_dora"):
+                raise CheckpointError(f"{folders[m]}/adapter_config.json: only plain PEFT LoRA (no rsLoRA/DoRA) is supported")
+        targets = [sorted(c["target_modules"]) if isinstance(c["target_modules"], list) else c["target_modules"]
+                   for c in cfgs.values()]
+        if targets[0] != targets[1]:
+            raise CheckpointError(f"the vision and speech folders adapt different modules: {targets[0]} vs {targets[1]}")
+        fields = {f: v for m, c in cfgs.items() for f, v in ((f"{m}_r", int(c["r"])), (f"{m}_alpha", float(c["lora_alpha"])))}
+        config = ModalityLoRAConfig(target_modules=targets[0], dropout=float(cfgs["vision"].get("lora_dropout", 0.0)), **fields)
+        model = cls(base_model, config, base_model_id or cfgs["vision"].get("base_model_name_or_path"),
+                    encoder_config=encoder_config)
+        tensors = dict(model.adapter_state_dict())
+        for key in [k for k in tensors if not k.startswith("encoders.")]:
+            tensors.pop(key)  # rebuilt from the folders (padding rows zero)
+        for i, m in enumerate(MODALITIES):
+            model._fill_from_peft(tensors, i, m, Path(folders[m]))
+        model.load_adapter_state_dict(tensors, where=", ".join(str(folders[m]) for m in MODALITIES))
+        return model
+
+register_method("modality", ModalityLoRAConfig, ModalityLoRALayer, model_cls=ModalityLoRAModel)

@@ -1,0 +1,102 @@
+"""Small image and audio encoders with projectors into the LM's embedding space (DESIGN §4.5).
+
+Both are trained from scratch with the adapters (the LM stays frozen), so they are small and fast on a CPU:
+
+    image [3, H, W]   -> conv 3x3, conv 3x3 stride 2, conv 3x3 -> avg-pool to grid x grid -> grid² tokens
+    log-mel [M, F]    -> 3 x conv1d (k 5, stride 2)            -> avg-pool to audio_tokens    -> audio_tokens tokens
+    projector         -> Linear(width -> d) . GELU . Linear(d -> d)       (Phi-4's projector shape)
+
+The projector's last layer starts at the scale of the LM's token embeddings, so projected features look
+like embeddings to the frozen LM from the first step. Every token of an encoded item replaces one
+placeholder token of the sequence (see `moelora.data.media`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from ..config import StrictConfig
+from ..errors import DataError
+
+
+@dataclasses.dataclass
+class EncoderConfig(StrictConfig):
+    _prefix = "encoders"
+
+    image_channels: int = 3  # RGB; the suite's digit scans are grey repeated over 3 channels
+    image_grid: int = 2  # an image becomes grid x grid tokens: 4 regions of the 16x16 pictures
+    image_width: int = 64  # conv channels: enough for digits, shapes and colours
+    n_mels: int = 40  # mel bands of the audio features (moelora.data.audio.N_MELS)
+    audio_tokens: int = 8  # tokens per clip: ~0.23 s each for the suite's 1.86 s windows (Phi-4: 80 ms)
+    audio_width: int = 64  # conv channels of the audio encoder
+
+    def validate(self):
+        for name in ("image_channels", "image_grid", "image_width", "n_mels", "audio_tokens", "audio_width"):
+            if getattr(self, name) < 1:
+                raise self.error(name, f"must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def media_tokens(self) -> dict[str, int]:
+        """Placeholder tokens per image and per audio clip."""
+        return {"image": self.image_grid ** 2, "audio": self.audio_tokens}
+
+
+def projector(width: int, hidden: int, embed_std: float) -> nn.Sequential:
+    proj = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+    with torch.no_grad():  # GELU outputs are O(1): scale the last layer so outputs have the embeddings' std
+        nn.init.normal_(proj[2].weight, std=embed_std / math.sqrt(hidden))
+        proj[2].bias.zero_()
+    return proj
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig, hidden: int, embed_std: float):
+        super().__init__()
+        w = cfg.image_width
+        self.cfg = cfg
+        self.conv = nn.Sequential(
+            nn.Conv2d(cfg.image_channels, w, 3, padding=1), nn.GELU(),
+            nn.Conv2d(w, w, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.GELU(),
+            nn.AdaptiveAvgPool2d(cfg.image_grid),
+        )
+        self.proj = projector(w, hidden, embed_std)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[n, C, H, W] -> [n, grid², hidden]."""
+        if images.dim() != 4 or images.shape[1] != self.cfg.image_channels:
+            raise DataError(f"images must be [n, {self.cfg.image_channels}, H, W], got {list(images.shape)}")
+        return self.proj(self.conv(images).flatten(2).transpose(1, 2))
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig, hidden: int, embed_std: float):
+        super().__init__()
+        w = cfg.audio_width
+        self.cfg = cfg
+        self.conv = nn.Sequential(
+            nn.Conv1d(cfg.n_mels, w, 5, stride=2, padding=2), nn.GELU(),
+            nn.Conv1d(w, w, 5, stride=2, padding=2), nn.GELU(),
+            nn.Conv1d(w, w, 5, stride=2, padding=2), nn.GELU(),
+            nn.AdaptiveAvgPool1d(cfg.audio_tokens),
+        )
+        self.proj = projector(w, hidden, embed_std)
+
+    def forward(self, mels: torch.Tensor) -> torch.Tensor:
+        """[n, n_mels, frames] -> [n, audio_tokens, hidden]."""
+        if mels.dim() != 3 or mels.shape[1] != self.cfg.n_mels:
+            raise DataError(f"audio features must be [n, {self.cfg.n_mels}, frames], got {list(mels.shape)}")
+        return self.proj(self.conv(mels).transpose(1, 2))
+
+
+class MultimodalEncoders(nn.Module):
+    """The image and audio paths of a multimodal model (saved beside its adapters)."""
+
+    def __init__(self, cfg: EncoderConfig, hidden: int, embed_std: float):
+        super().__init__()
+        self.image = ImageEncoder(cfg, hidden, embed_std)
+        self.audio = AudioEncoder(cfg, hidden, embed_std)
