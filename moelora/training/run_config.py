@@ -71,7 +71,7 @@ class RunConfig(StrictConfig):
     gradient_checkpointing: bool = False  # trade compute for activation memory
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate autocast; "no" on CPU
     deepspeed: str | None = None  # path to a DeepSpeed JSON (configs/deepspeed/zero2.json) to run under ZeRO
-    num_threads: int = 0  # torch CPU threads per process (0: torch's default)
+    num_threads: int = 0  # torch CPU threads per process (0: the machine's cores divided among the processes)
     save_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # precision of the saved adapter
     save_format: Literal["moelora", "peft"] = "moelora"  # final adapter as a PEFT LoRA folder (LoRA only): e.g. an expert
     nan_policy: Literal["stop", "skip"] = "stop"  # non-finite loss/gradient: stop naming the step, or skip the step

@@ -105,3 +105,23 @@ def test_an_expert_without_tokens_on_one_process_does_not_hang(tmp_path):
            zero=3)
     dead = [r for r in _log(tmp_path / "run") if r.get("router/dead_layers")]
     assert dead, "expected experts without tokens on the main process"
+
+
+TEXT_METHODS = {
+    "lora_mixer": "method={name: lora_mixer, experts: 3, r: 2, alpha: 4, stage: joint_stage2, train_experts: true}",
+    # classifier dropout off: its random masks differ between 1 and 2 processes by design
+    "xlora": "method={name: xlora, experts: 2, r: 2, alpha: 4, use_trainable_adapters: true, xlora_depth: 2, "
+             "xlora_size: 8, xlora_dropout_p: 0.0}",
+    "mixlora": "method={name: mixlora, num_factors: 6, r: 2, alpha: 4}",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", TEXT_METHODS)
+def test_every_text_method_trains_data_parallel_like_one_process(tmp_path, method):
+    """The other routed methods under 2 CPU processes: same per-step losses as 1 process x double batch."""
+    launch(tmp_path / "one", 1, "per_device_train_batch_size=4", TEXT_METHODS[method])
+    launch(tmp_path / "two", 2, "per_device_train_batch_size=2", TEXT_METHODS[method])
+    for a, b in zip(_log(tmp_path / "one"), _log(tmp_path / "two")):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    assert (tmp_path / "two/adapter/adapter_model.safetensors").is_file()
