@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_run_config(args.config, args.overrides)
 
     import torch
-    from accelerate import Accelerator, DeepSpeedPlugin, InitProcessGroupKwargs
+    from accelerate import Accelerator, DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
     # --- 2. accelerator: devices, processes, mixed precision, DeepSpeed ----------------------------
+    # CPU-only process groups need gloo (accelerate picks none there); a single process needs no group.
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if needs_gloo(cfg) else []
+    if cfg.data.suite == "multimodal":  # a process whose batch has no image/audio leaves that encoder unused
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     accelerator = Accelerator(
         # On a machine without GPUs, `accelerate launch --multi_gpu` must still mean data parallel over CPU
         # processes (gloo); DeepSpeed brings its own CPU accelerator and must not be forced off by cpu=True.
@@ -58,8 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg.deepspeed) if cfg.deepspeed else None,
-        # CPU-only process groups need gloo (accelerate picks none there); a single process needs no group.
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if needs_gloo(cfg) else [],
+        kwargs_handlers=handlers,
     )
     is_main = accelerator.is_main_process
     # `accelerate launch` sets OMP_NUM_THREADS=1 even for a single process, which halves CPU training

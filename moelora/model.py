@@ -190,8 +190,12 @@ class MoELoRAModel(nn.Module):
 
         Under DeepSpeed ZeRO-3 every process holds a shard of each parameter; gathering them is a
         collective, so every process must enter this block (only one needs to write files inside)."""
-        sharded = [p for layer in self.adapter_layers().values() for n, p in layer.named_parameters()
-                   if not n.startswith("base_layer.") and hasattr(p, "ds_id")]
+        # Everything a checkpoint holds: adapter tensors (trainable or frozen experts) and whatever else
+        # trains with them (routers, multimodal encoders).
+        saved = {id(p): p for layer in self.adapter_layers().values() for n, p in layer.named_parameters()
+                 if not n.startswith("base_layer.")}
+        saved.update({id(p): p for p in self.parameters() if p.requires_grad})
+        sharded = [p for p in saved.values() if hasattr(p, "ds_id")]
         if not sharded:
             yield self
             return

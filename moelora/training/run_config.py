@@ -107,6 +107,14 @@ class RunConfig(StrictConfig):
                 raise self.error("report_to", f"unknown sink '{sink}' (jsonl, tensorboard, none){suggest(sink, ['jsonl', 'tensorboard'])}")
         if self.deepspeed is not None and not Path(self.deepspeed).is_file():
             raise self.error("deepspeed", f"file not found: {self.deepspeed}")
+        if self.deepspeed is not None and self.data.suite == "multimodal":
+            import json
+
+            stage = json.loads(Path(self.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
+            if stage == 3:  # ZeRO-3 gathers a module's shards on every process that runs it; an encoder runs
+                # only where the batch has its modality, so the processes would wait on each other forever
+                raise self.error("deepspeed", "ZeRO-3 is not supported with data.suite: multimodal yet (an encoder "
+                                 "runs only on processes whose batch has its modality); use zero2.json or plain DDP")
 
     def to_dict(self):
         out = super().to_dict()

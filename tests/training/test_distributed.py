@@ -125,3 +125,23 @@ def test_every_text_method_trains_data_parallel_like_one_process(tmp_path, metho
     for a, b in zip(_log(tmp_path / "one"), _log(tmp_path / "two")):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     assert (tmp_path / "two/adapter/adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_multimodal_training_with_a_text_only_process(tmp_path):
+    """One example per process from a text task and an image task: the process whose batch holds no
+    image gives the image encoder no gradient, which plain DDP rejects; train.py must cope."""
+    launch(tmp_path / "run", 2, "per_device_train_batch_size=1", "data.suite=multimodal",
+           "data.tasks=[add, digit_read]", "data.n_train_per_task=6", "data.max_length=160",
+           "encoders.image_width=16", "encoders.audio_width=16",
+           "method={name: modality, vision_r: 2, vision_alpha: 4, speech_r: 2, speech_alpha: 4}")
+    assert len(_log(tmp_path / "run")) == 4
+
+
+def test_multimodal_with_zero3_is_refused_clearly(tmp_path, capsys):
+    from tests.training.test_train_cli import train
+
+    code = train.cli(["base_model=tiny-random-llama", "data.suite=multimodal", f"output_dir={tmp_path}",
+                      "method={name: modality}", f"deepspeed={REPO / 'configs/deepspeed/zero3.json'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "config key 'deepspeed': ZeRO-3 is not supported with data.suite: multimodal" in err
