@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
                               num_training_steps=max_steps)
 
     # --- 6. resume (before `prepare` shards anything): adapter, optimizer, scheduler, RNG, counters --
-    counters = {"step": 0, "micro_step": 0, "tokens": 0}
+    counters = {"step": 0, "micro_step": 0, "skipped_steps": 0}
     if resume is not None:
         counters = load_checkpoint(resume, model, optimizer, scheduler)
         accelerator.print(f"resumed from {resume} at step {counters['step']}")
@@ -136,7 +136,10 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     core.reset_router_stats()
     bar = tqdm(total=max_steps, initial=counters["step"], desc="train", unit="step", disable=not is_main)
-    window = {"loss": 0.0, "aux": 0.0, "n": 0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
+    def fresh_window():  # what the metrics of one logging interval are summed from
+        return {"loss": 0.0, "aux": 0.0, "n": 0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
+
+    window = fresh_window()
     last_loss = None
     world = accelerator.num_processes
     while counters["step"] < max_steps:
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 f"without saving (last good checkpoint: {last[-1] if last else 'none'}). "
                                 "Lower learning_rate, or set nan_policy=skip to drop such steps")
         else:
-            counters["skipped_steps"] = counters.get("skipped_steps", 0) + 1
+            counters["skipped_steps"] += 1
         optimizer.zero_grad(set_to_none=True)
         core.update_router_state(apply=finite)  # loss-free balancing etc.: once per optimizer step, all-reduced
         counters["step"] += 1
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
             stats = core.router_stats()
             record = {"loss": loss_mean, "lr": scheduler.get_last_lr()[0], "epoch": order.epoch_of(counters["micro_step"]),
                       "tokens_per_s": window["tokens"] * accelerator.num_processes / elapsed,
-                      "skipped_steps": counters.get("skipped_steps", 0), **summarise_router_stats(stats)}
+                      "skipped_steps": counters["skipped_steps"], **summarise_router_stats(stats)}
             health = router_health(stats, cfg.router_collapse_entropy)
             if health["collapsed"]:
                 record["router/collapsed_layers"] = health["collapsed"]
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
             logger.log(step, record)
             bar.set_postfix(loss=f"{loss_mean:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             core.reset_router_stats()
-            window = {"loss": 0.0, "aux": 0.0, "n": 0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
+            window = fresh_window()
         if cfg.eval_strategy == "steps" and step % cfg.eval_steps == 0 and step < max_steps and eval_examples:
             if is_main:
                 logger.log(step, {f"eval/{k}": v for k, v in run_eval(core, False)["per_task"].items()})
