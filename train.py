@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     multimodal = cfg.data.suite == "multimodal"  # images/audio: encoders + projectors train with the adapter
     model = moelora.get_moelora_model(base, cfg.method_config, base_model_id=cfg.base_model,
                                       encoders=cfg.encoders if multimodal else None)
+    # ZeRO-3 gathers an encoder's shards on every process at once: each must run it every step
+    model.run_every_encoder = multimodal and accelerator.num_processes > 1
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     base.config.use_cache = False  # no KV cache while training; generation turns it back on
@@ -116,6 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
         fill_deepspeed_autos(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, accelerator.num_processes)
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)  # the MoELoRAModel itself (DDP/DeepSpeed wrap it)
+    # ZeRO-3 gathers every weight collectively in each forward, so evaluation (greedy generation, the same
+    # steps everywhere) runs on all processes in lockstep; otherwise the main process evaluates alone.
+    evaluates = is_main or (deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3)
 
     # --- 7. evaluate the base model (adapters off) for the before/after table ---------------------
     def run_eval(m, base_only: bool) -> dict:
@@ -128,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {}
     if cfg.eval_before_training and eval_examples:
-        results["base"] = cached_eval(output_dir / "eval_base.json", is_main, accelerator, lambda: run_eval(core, True))
+        results["base"] = cached_eval(output_dir / "eval_base.json", evaluates, is_main, accelerator,
+                                      lambda: run_eval(core, True))
 
     # --- 8. train ---------------------------------------------------------------------------------
     logger = MetricsLogger(output_dir, cfg.report_to, is_main, append=resume is not None)
@@ -221,8 +227,10 @@ def main(argv: list[str] | None = None) -> dict:
             core.reset_router_stats()
             window = fresh_window()
         if cfg.eval_strategy == "steps" and step % cfg.eval_steps == 0 and step < max_steps and eval_examples:
-            if is_main:
-                logger.log(step, {f"eval/{k}": v for k, v in run_eval(core, False)["per_task"].items()})
+            if evaluates:
+                scores = run_eval(core, False)["per_task"]
+                if is_main:
+                    logger.log(step, {f"eval/{k}": v for k, v in scores.items()})
             accelerator.wait_for_everyone()
         if cfg.save_steps and step % cfg.save_steps == 0 and step < max_steps:
             with core.gathered_adapter():  # ZeRO-3: every process takes part; the main one writes
@@ -236,8 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
     # --- 9. save the adapter, evaluate the trained model, write the tables ------------------------
     check_router_state_in_sync(accelerator, core)
     summary = {"final_loss": last_loss, "steps": counters["step"]}
-    if eval_examples:
-        results["trained"] = run_eval(core, False) if is_main else {}
+    if eval_examples and cfg.eval_strategy != "no":  # "no": no evaluation at all (evaluate.py can score it later)
+        results["trained"] = run_eval(core, False) if evaluates else {}
     with core.gathered_adapter():
         final_state = {k: v.detach().clone() for k, v in core.adapter_state_dict().items()} if is_main else None
     if is_main:
@@ -341,15 +349,16 @@ def load_examples(cfg) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def cached_eval(path: Path, is_main: bool, accelerator, run) -> dict:
+def cached_eval(path: Path, evaluates: bool, is_main: bool, accelerator, run) -> dict:
     """The base model's scores do not change on resume: compute once, reuse from the output folder."""
     result = {}
-    if is_main:
+    if evaluates:
         if path.is_file():
             result = json.loads(path.read_text())
         else:
             result = run()
-            path.write_text(json.dumps({k: result[k] for k in ("per_task", "average", "n")}, indent=2))
+            if is_main:
+                path.write_text(json.dumps({k: result[k] for k in ("per_task", "average", "n")}, indent=2))
     accelerator.wait_for_everyone()
     return result
 

@@ -100,3 +100,9 @@ class MultimodalEncoders(nn.Module):
         super().__init__()
         self.image = ImageEncoder(cfg, hidden, embed_std)
         self.audio = AudioEncoder(cfg, hidden, embed_std)
+
+    def blank_input(self, kind: str, device=None, dtype=None) -> torch.Tensor:
+        """One all-zero item of the smallest size each encoder takes (8x8 pixels, 16 frames)."""
+        cfg = self.image.cfg
+        shape = (1, cfg.image_channels, 8, 8) if kind == "image" else (1, cfg.n_mels, 16)
+        return torch.zeros(shape, device=device, dtype=dtype)

@@ -34,6 +34,10 @@ class MultimodalLoRAModel(MoELoRAModel):
         self.encoders = MultimodalEncoders(self.encoder_config, emb.embedding_dim, float(emb.weight.detach().float().std()))
         self.encoders.to(device=emb.weight.device, dtype=emb.weight.dtype)
         self.media_enabled = True
+        # Sharded data parallel (ZeRO-3) gathers a module's weights on every process that runs it, in step:
+        # then every encoder must run in every training step on every process, on a tiny blank input when
+        # the batch lacks its modality (contributing exactly zero). train.py sets this with >1 process.
+        self.run_every_encoder = False
 
     @property
     def media_tokens(self) -> dict[str, int]:
@@ -54,14 +58,22 @@ class MultimodalLoRAModel(MoELoRAModel):
             if slots != n_items * per_item:
                 raise DataError(f"media_mask has {slots} {what} positions but {n_items} {what} item(s) x "
                                 f"{per_item} tokens were given")
+            dtype = next(encoder.parameters()).dtype
             if n_items:
-                feats = encoder(items.to(device=emb.device, dtype=next(encoder.parameters()).dtype))
+                feats = encoder(items.to(device=emb.device, dtype=dtype))
                 emb = emb.masked_scatter(where.unsqueeze(-1).expand_as(emb), feats.to(emb.dtype))
+            elif self.run_every_encoder and self.training:
+                blank = self.encoders.blank_input(what, device=emb.device, dtype=dtype)
+                emb = emb + 0.0 * encoder(blank).sum().to(emb.dtype)  # in the graph, changes nothing
         return emb
 
     def _media_inputs(self, input_ids, media_mask, images, audio) -> dict:
         """{"inputs_embeds": ...} when the batch holds media and the encoders are on, else {}."""
-        if media_mask is None or not self.media_enabled or input_ids is None or not bool((media_mask > 0).any()):
+        if not self.media_enabled or input_ids is None:
+            return {}
+        if self.run_every_encoder and self.training:  # even a text-only batch runs both encoders
+            media_mask = torch.zeros_like(input_ids) if media_mask is None else media_mask
+        elif media_mask is None or not bool((media_mask > 0).any()):
             return {}
         return {"inputs_embeds": self.embed(input_ids, media_mask, images, audio)}
 

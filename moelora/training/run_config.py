@@ -61,7 +61,7 @@ class RunConfig(StrictConfig):
     per_device_eval_batch_size: int = 32  # generation batch for exact-match evaluation
     eval_max_new_tokens: int = 16  # every built-in answer fits in 16 tokens
     eval_before_training: bool = True  # the base model's scores, for the before/after table
-    eval_strategy: Literal["no", "steps", "end"] = "end"  # "steps" also evaluates every eval_steps
+    eval_strategy: Literal["no", "steps", "end"] = "end"  # after training; "steps": also every eval_steps; "no": never
     eval_steps: int = 0  # with eval_strategy: steps
     logging_steps: int = 10  # console/JSONL/TensorBoard metrics every N optimizer steps
     save_steps: int = 0  # training checkpoint every N optimizer steps (0: only the final adapter)
@@ -107,14 +107,6 @@ class RunConfig(StrictConfig):
                 raise self.error("report_to", f"unknown sink '{sink}' (jsonl, tensorboard, none){suggest(sink, ['jsonl', 'tensorboard'])}")
         if self.deepspeed is not None and not Path(self.deepspeed).is_file():
             raise self.error("deepspeed", f"file not found: {self.deepspeed}")
-        if self.deepspeed is not None and self.data.suite == "multimodal":
-            import json
-
-            stage = json.loads(Path(self.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
-            if stage == 3:  # ZeRO-3 gathers a module's shards on every process that runs it; an encoder runs
-                # only where the batch has its modality, so the processes would wait on each other forever
-                raise self.error("deepspeed", "ZeRO-3 is not supported with data.suite: multimodal yet (an encoder "
-                                 "runs only on processes whose batch has its modality); use zero2.json or plain DDP")
 
     def to_dict(self):
         out = super().to_dict()
