@@ -48,6 +48,8 @@ def check_value(key: str, value: Any, tp) -> Any:
                 errors.append(exc)
         raise ConfigError(key, f"expected {' or '.join(_type_name(o) for o in options)}, got {value!r}")
     if origin is Literal:
+        if value is False and "no" in get_args(tp):
+            value = "no"  # YAML 1.1 reads a bare `no` (eval_strategy: no) as false
         if value not in get_args(tp):
             raise ConfigError(key, f"expected one of {', '.join(map(repr, get_args(tp)))}, got {value!r}"
                               f"{suggest(str(value), map(str, get_args(tp)))}")

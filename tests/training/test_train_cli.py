@@ -111,3 +111,14 @@ def test_cli_exit_code_and_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "missing.yaml" in proc.stderr
+
+
+@pytest.mark.parametrize("text", ["eval_strategy: no", "eval_strategy: 'no'"])
+def test_yaml_bare_no_means_the_option_no(tmp_path, text):
+    # YAML 1.1 reads a bare `no` as false; for options whose choices include "no" it means "no".
+    from moelora.training.run_config import load_run_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(f"base_model: tiny-random-llama\nmethod: {{name: lora}}\n{text}\nmixed_precision: no\n")
+    cfg = load_run_config(str(path), ["eval_before_training=no"])
+    assert cfg.eval_strategy == "no" and cfg.mixed_precision == "no" and cfg.eval_before_training is False
