@@ -1,14 +1,18 @@
 #!/usr/bin/env python
-"""Training step time and peak memory of moelora methods against PEFT LoRA, in one process.
+"""Training step time and peak memory of every moelora method against its PEFT peer, in one script.
 
-    python benchmarks/bench_train_step.py                       # SmolLM2-135M, every case, CPU
-    python benchmarks/bench_train_step.py --cases peft_lora64 smora64_8 --steps 5 --json out.json
+    python benchmarks/bench_train_step.py --json benchmarks/results/train_step.json     # every case
+    python benchmarks/bench_train_step.py --cases peft_lora64 smora64_8 --steps 3 --no-memory
 
-Each case builds a fresh model on the same base weights and runs the same batches (random token ids,
-batch x seq, labels = inputs) with AdamW over the trainable parameters: zero_grad + forward + backward
-+ step, as peft-anchors.md measures PEFT. Cases run interleaved (round robin over repeats) so drift on
-a shared machine hits every case alike; the table reports medians and min-max, and every ratio is
-against the PEFT LoRA case of the same total rank, measured in this same run.
+Time: every case is built in this one process on the same base weights and runs the same kind of batch
+(random token ids, batch x seq, labels = inputs; the modality case also gets images and speech) with AdamW
+over its trainable parameters: zero_grad + forward + backward + step (+ the router update of methods that
+have one), as `research/peft-anchors.md` measures PEFT. Cases run interleaved (round robin over the timed
+repeats), so drift on a shared machine hits every case alike; medians with min-max, and each ratio is the
+case's median over its peer's median (`cases.py`: PEFT LoRA of equal total rank, PEFT X-LoRA for X-LoRA).
+
+Memory: peak RSS cannot be told apart within one process, so each case is also run alone in a child
+process (2 warm-up + 2 steps) and its `ru_maxrss` is reported; the ratio is against its peer's child.
 """
 
 from __future__ import annotations
@@ -19,41 +23,24 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from cases import CASES, build_case, make_batch, peft_xlora_head, trainable  # noqa: E402
 
-# name -> (builder kind, kwargs, peer case for the ratio)
-CASES = {
-    "peft_lora8": ("peft", dict(r=8, lora_alpha=16), None),
-    "peft_lora64": ("peft", dict(r=64, lora_alpha=128), None),
-    "lora8": ("moelora", dict(name="lora", r=8, alpha=16), "peft_lora8"),
-    "lora64": ("moelora", dict(name="lora", r=64, alpha=128), "peft_lora64"),
-    "smora64_8": ("moelora", dict(name="smora", r=64, k=8, alpha=16), "peft_lora64"),
-}
-
-
-def build(kind: str, kwargs: dict, base_name: str):
-    from moelora.base_models import resolve_base_model
-
-    torch.manual_seed(0)
-    base, _ = resolve_base_model(base_name)
-    if kind == "peft":
-        from peft import LoraConfig, get_peft_model
-
-        return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, target_modules=ALL7, **kwargs))
-    import moelora
-
-    return moelora.get_moelora_model(base, {"target_modules": ALL7, **kwargs})
+TRAIN_CASES = [n for n in CASES if n != "base"]
 
 
 def make_step(model, batch):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(trainable(model), lr=1e-4)
     model.train()
     update = getattr(model, "update_router_state", None)
 
@@ -65,7 +52,22 @@ def make_step(model, batch):
         if update is not None:
             update()  # SMoRA's once-per-step bias update is part of its step
 
-    return step, sum(p.numel() for p in params)
+    return step
+
+
+def build_all(names, args, workdir):
+    """(step functions, trainable counts); PEFT X-LoRA first so ours can copy its classifier."""
+    gen = torch.Generator().manual_seed(0)
+    head = None
+    steps, params = {}, {}
+    for name in sorted(names, key=lambda n: n != "peft_xlora"):
+        model = build_case(name, args.base, workdir, head)
+        if name == "peft_xlora":
+            head = peft_xlora_head(model)
+        vocab = model.get_input_embeddings().num_embeddings
+        batch = make_batch(name, vocab, args.batch, args.seq, gen, getattr(model, "media_tokens", None))
+        steps[name], params[name] = make_step(model, batch), sum(p.numel() for p in trainable(model))
+    return steps, params
 
 
 def peak_rss_mb() -> float:
@@ -74,55 +76,76 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def memory_of(name: str, args, workdir: Path) -> float:
+    """Peak RSS (MiB) of a child process that builds the case and runs 2 warm-up + 2 steps."""
+    cmd = [sys.executable, __file__, "--child", name, "--base", args.base, "--batch", str(args.batch),
+           "--seq", str(args.seq), "--threads", str(args.threads), "--workdir", str(workdir)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--base", default="smollm2-135m-instruct")
-    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--cases", nargs="*", default=TRAIN_CASES, choices=TRAIN_CASES)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-case child processes")
+    parser.add_argument("--workdir", default=None, help="X-LoRA expert folders (default: a temp dir)")
     parser.add_argument("--json", help="write the raw numbers here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-train-"))
 
-    gen = torch.Generator().manual_seed(0)
-    steps, params = {}, {}
-    vocab = None
-    for name in args.cases:
-        kind, kwargs, _ = CASES[name]
-        model = build(kind, kwargs, args.base)
-        vocab = vocab or model.get_input_embeddings().num_embeddings
-        batch = {"input_ids": torch.randint(0, vocab, (args.batch, args.seq), generator=gen)}
-        steps[name], params[name] = make_step(model, batch)
+    if args.child:  # one case alone, for its peak memory
+        needs = [args.child] + (["peft_xlora"] if args.child == "xlora" else [])
+        steps, _ = build_all(needs, args, workdir)
+        for _ in range(4):
+            steps[args.child]()
+        print(peak_rss_mb())
+        return
+
+    names = list(dict.fromkeys(args.cases + [CASES[n].peer for n in args.cases if CASES[n].peer]))
+    steps, params = build_all(names, args, workdir)
+    for name in names:
         for _ in range(args.warmup):
             steps[name]()
-    times = {name: [] for name in args.cases}
+    times = {name: [] for name in names}
     for _ in range(args.steps):  # round robin: drift on a shared machine hits every case alike
-        for name in args.cases:
+        for name in names:
             t0 = time.perf_counter()
             steps[name]()
             times[name].append(time.perf_counter() - t0)
         gc.collect()
+    memory = {} if args.no_memory else {name: memory_of(name, args, workdir) for name in names}
 
     tokens = args.batch * args.seq
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
-          f"{args.base}, batch {args.batch} x seq {args.seq}, median of {args.steps} after {args.warmup} warm-up")
-    print("| case | trainable | median s/step | min-max s | tokens/s | vs peer |")
-    print("|---|---:|---:|---:|---:|---:|")
+    header = (f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
+              f"{args.base}, batch {args.batch} x seq {args.seq}, median of {args.steps} after {args.warmup} warm-up, "
+              f"1-min load average {os.getloadavg()[0]:.2f} at the end")
+    print("# " + header)
+    print("| case | peer | trainable | median s/step | min-max s | tokens/s | time vs peer | peak RSS MiB | RSS vs peer |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     rows = {}
-    for name in args.cases:
+    for name in names:
         med = statistics.median(times[name])
-        peer = CASES[name][2]
-        ratio = med / statistics.median(times[peer]) if peer in times else None
-        rows[name] = {"median_s": med, "times_s": times[name], "trainable": params[name], "peer": peer, "ratio": ratio}
-        print(f"| {name} | {params[name]:,} | {med:.3f} | {min(times[name]):.2f}-{max(times[name]):.2f} | "
-              f"{tokens / med:.0f} | {f'{ratio:.2f}x {peer}' if ratio else '-'} |")
-    print(f"peak RSS of the process (all cases together): {peak_rss_mb():.0f} MB")
+        peer = CASES[name].peer
+        ratio = med / statistics.median(times[peer]) if peer else None
+        mem = memory.get(name)
+        mem_ratio = mem / memory[peer] if peer and mem else None
+        rows[name] = {"median_s": med, "times_s": times[name], "trainable": params[name], "peer": peer,
+                      "time_ratio": ratio, "peak_rss_mib": mem, "rss_ratio": mem_ratio}
+        print(f"| {name} | {peer or '–'} | {params[name]:,} | {med:.3f} | {min(times[name]):.2f}-{max(times[name]):.2f} "
+              f"| {tokens / med:.0f} | {f'{ratio:.2f}x' if ratio else '–'} | {f'{mem:.0f}' if mem else '–'} "
+              f"| {f'{mem_ratio:.2f}x' if mem_ratio else '–'} |")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "cases": rows, "peak_rss_mb": peak_rss_mb()}, f, indent=2)
+            json.dump({"header": header, "args": vars(args), "cases": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

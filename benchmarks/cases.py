@@ -1,0 +1,140 @@
+"""The benchmark cases: every moelora method and its PEFT peer, built on the same base weights.
+
+Each case is `Case(kind, spec, peer, media)`. `build_case(name, base_name, workdir)` returns the model;
+`make_batch(name, vocab, ...)` the inputs it is timed on. The peer of a case is the PEFT model it is compared
+with in the same process: PEFT LoRA of the same *total* rank on the same modules (a routed method holds that
+many ranks even when it activates fewer), and for X-LoRA, PEFT's X-LoRA over the very same expert folders
+with the same classifier weights. Shapes follow `research/peft-anchors.md` so the numbers line up with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+N_EXPERTS = 4  # X-LoRA experts, as the PEFT anchors: 4 x LoRA r=8 on q,k,v,o
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    kind: str  # "peft", "peft_xlora", "moelora", "base"
+    spec: dict  # LoraConfig kwargs (peft) or the moelora method config
+    peer: str | None = None  # the case this one is divided by
+    media: bool = False  # inputs carry images and audio (modality routing)
+
+
+CASES: dict[str, Case] = {
+    "base": Case("base", {}),
+    "peft_lora8": Case("peft", dict(r=8, lora_alpha=16, target_modules=ALL7)),
+    "lora8": Case("moelora", dict(name="lora", r=8, alpha=16, target_modules=ALL7), "peft_lora8"),
+    "peft_lora16": Case("peft", dict(r=16, lora_alpha=32, target_modules=ALL7)),
+    # MixLoRA's pools hold E=16 rank-1 factors per module: the weights of a LoRA-16, 4 of them active.
+    "mixlora": Case("moelora", dict(name="mixlora", num_factors=16, r=4, target_modules=ALL7), "peft_lora16"),
+    # Phi-4 style: a rank-16 vision LoRA and a rank-16 speech LoRA, one per sample, plus the encoders.
+    "modality": Case("moelora", dict(name="modality", vision_r=16, vision_alpha=32, speech_r=16, speech_alpha=32,
+                                     target_modules=ALL7), "peft_lora16", media=True),
+    "peft_lora64": Case("peft", dict(r=64, lora_alpha=128, target_modules=ALL7)),
+    "lora64": Case("moelora", dict(name="lora", r=64, alpha=128, target_modules=ALL7), "peft_lora64"),
+    "smora64_8": Case("moelora", dict(name="smora", r=64, k=8, alpha=16, target_modules=ALL7), "peft_lora64"),
+    "peft_lora64_qkvo": Case("peft", dict(r=64, lora_alpha=128, target_modules=QKVO)),
+    # 4 trainable rank-16 experts in the attention projections, top-2 routed: 64 ranks in all.
+    "lora_mixer": Case("moelora", dict(name="lora_mixer", experts=4, r=16, alpha=32, top_k=2, stage="joint_stage2",
+                                       train_experts=True, target_modules=QKVO), "peft_lora64_qkvo"),
+    "peft_xlora": Case("peft_xlora", {}),
+    "xlora": Case("moelora", dict(name="xlora", target_modules=QKVO, xlora_depth=2, xlora_size=256), "peft_xlora"),
+}
+
+
+def make_experts(base_name: str, folder: Path, n: int = N_EXPERTS) -> dict[str, str]:
+    """PEFT LoRA experts r=8 on q,k,v,o with lora_B ~ N(0, 0.02) (seeds 100+i), as the PEFT anchors."""
+    from peft import LoraConfig, get_peft_model
+
+    from moelora.base_models import resolve_base_model
+
+    paths = {}
+    for i in range(n):
+        path = Path(folder) / f"expert_{i}"
+        if not (path / "adapter_model.safetensors").is_file():
+            base, _ = resolve_base_model(base_name)
+            torch.manual_seed(100 + i)
+            peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=QKVO,
+                                                         task_type="CAUSAL_LM"))
+            with torch.no_grad():
+                for name, p in peft_model.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(0.0, 0.02)
+            peft_model.save_pretrained(str(path))
+        paths[str(i)] = str(path)
+    return paths
+
+
+def build_case(name: str, base_name: str, workdir: Path, xlora_head: dict | None = None):
+    """The model of case `name` on a fresh copy of the base. X-LoRA: PEFT's classifier weights are copied
+    into ours (`xlora_head`, from `peft_xlora_head`), so both compute the same function."""
+    import moelora
+    from moelora.base_models import resolve_base_model
+
+    case = CASES[name]
+    torch.manual_seed(0)
+    base, _ = resolve_base_model(base_name)
+    if case.kind == "base":
+        return base
+    if case.kind == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **case.spec))
+    if case.kind == "peft_xlora":
+        from peft import XLoraConfig, get_peft_model
+
+        base.config.use_cache = False  # PEFT's X-LoRA refuses a base model with the cache on
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return get_peft_model(base, XLoraConfig(task_type="CAUSAL_LM", hidden_size=base.config.hidden_size,
+                                                    xlora_depth=2, xlora_size=256,
+                                                    adapters=make_experts(base_name, workdir)))
+    spec = dict(case.spec)
+    if spec["name"] == "xlora":
+        spec["experts"] = make_experts(base_name, workdir)
+    encoders = None
+    if case.media:
+        from moelora.multimodal.encoders import EncoderConfig
+
+        encoders = EncoderConfig()
+    model = moelora.get_moelora_model(base, spec, encoders=encoders)
+    if spec["name"] == "xlora" and xlora_head is not None:
+        model.xlora_classifier.load_state_dict(xlora_head)
+    return model
+
+
+def peft_xlora_head(model) -> dict:
+    return {k.split("internal_xlora_classifier.", 1)[1]: v.clone()
+            for k, v in model.state_dict().items() if "internal_xlora_classifier." in k}
+
+
+def make_batch(name: str, vocab: int, batch: int, seq: int, gen: torch.Generator, media_tokens=None) -> dict:
+    """Random token ids (labels = ids). Media cases: the first half of the rows open with an image (its
+    placeholder tokens), the second half with a speech clip, so both LoRAs and both encoders work."""
+    ids = torch.randint(3, vocab, (batch, seq), generator=gen)
+    out = {"input_ids": ids}
+    if CASES[name].media:
+        media_mask = torch.zeros_like(ids)
+        half = batch // 2
+        n_img, n_aud = media_tokens["image"], media_tokens["audio"]
+        media_mask[:half, :n_img] = 1
+        media_mask[half:, :n_aud] = 2
+        out.update(media_mask=media_mask,
+                   images=torch.randn(half, 3, 16, 16, generator=gen),
+                   audio=torch.randn(batch - half, 40, 160, generator=gen))
+    return out
+
+
+def trainable(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
