@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Train every released checkpoint of model_cards/ on SmolLM2-135M-Instruct, one after another, then
+# evaluate them all with evaluate.py and copy adapters + results into model_cards/<name>/.
+#
+#   scripts/build_zoo.sh              # everything (~75 min on 2 CPU cores); finished runs are skipped
+#   ONLY="lora-8 smora-64-8" scripts/build_zoo.sh
+#
+# Sizes: a released adapter must stay <= ~10 MB, so the rank-64 checkpoints adapt q_proj and v_proj only
+# (64 x (576+576 + 576+192) x 30 layers = 3.7M weights = 7.4 MB in bf16), and every adapter is stored in
+# bfloat16 (save_dtype). Training-time evaluation is off: evaluate.py scores every checkpoint, and the base
+# model alone, on the same held-out split afterwards.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-runs/zoo}
+ONLY=${ONLY:-}
+LAUNCH=${LAUNCH:-accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no}
+COMMON="save_dtype=bfloat16 eval_before_training=false eval_strategy=no overwrite_output_dir=true"
+
+want() { [[ -z "$ONLY" || " $ONLY " == *" $1 "* ]]; }
+train() {  # name, then train.py arguments; skipped when the run already saved its adapter
+  local name=$1; shift
+  if ! want "$name"; then return; fi
+  if [[ -f "$RUNS/$name/adapter/moelora_config.json" || -f "$RUNS/$name/adapter/adapter_config.json" ]]; then
+    echo "== $name: already trained ($RUNS/$name/adapter)"; return
+  fi
+  echo "== $name: $*"
+  local t0=$SECONDS
+  # shellcheck disable=SC2086  # COMMON and LAUNCH are word lists on purpose
+  $LAUNCH train.py "$@" $COMMON output_dir="$RUNS/$name"
+  echo "$((SECONDS - t0))" > "$RUNS/$name/train_seconds.txt"
+}
+
+QV="method.target_modules=[q_proj,v_proj]"
+ATTN="method.target_modules=[q_proj,k_proj,v_proj,o_proj]"
+
+# --- text suite: the baselines and SMoRA (same modules, same steps, same data order) -------------
+train lora-8 --config configs/lora.yaml "$QV"
+train lora-64 --config configs/lora.yaml "$QV" method.r=64 method.alpha=128
+train smora-64-8 --config configs/smora.yaml "$QV"
+
+# --- experts, one per task family, then the two routers over them ------------------------------
+declare -A FAMILY=(
+  [arithmetic]="[add,subtract,multiply]"
+  [strings]="[reverse_word,uppercase_word,last_letter,count_letter]"
+  [lists]="[sort_asc,sort_desc,max_of_list,min_of_list]"
+  [units]="[unit_convert]"
+)
+EXPERTS="{"
+for family in arithmetic strings lists units; do
+  train "expert-$family" --config configs/lora.yaml "$ATTN" data.tasks="${FAMILY[$family]}" \
+        save_format=peft max_steps=60
+  EXPERTS+="$family: $RUNS/expert-$family/adapter, "
+done
+EXPERTS="${EXPERTS%, }}"
+train lora-mixer --config configs/lora_mixer.yaml "method.experts=$EXPERTS" method.top_k=2
+train xlora --config configs/xlora.yaml "method.experts=$EXPERTS"
+
+# --- multimodal suite: MixLoRA and modality routing, and plain LoRA at MixLoRA's factor count -----
+train mixlora --config configs/mixlora.yaml "$ATTN"
+train modality --config configs/modality.yaml "$ATTN"
+train lora-16-multimodal --config configs/lora.yaml "$ATTN" data.suite=multimodal data.n_train_per_task=300 method.r=16 method.alpha=32 max_steps=200
