@@ -87,6 +87,17 @@ def test_multimodal_tasks_skip_models_without_encoders(tmp_path):
     assert "average over the 1 tasks every model was scored on" in table
 
 
+def test_user_eval_files_are_scored_per_task(checkpoints, tmp_path):
+    rows = [{"instruction": f"Say {w}.", "response": w, "task": task}
+            for task, words in (("echo", ["yes", "no", "maybe"]), ("greet", ["hi"])) for w in words]
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    results = evaluate.main(["--checkpoint", str(checkpoints["lora"]), "--tasks", "none", "--eval-files", str(data),
+                             "--out", str(tmp_path / "eval"), "--no-plots"])
+    assert results["lora"]["n"] == {"echo": 3, "greet": 1} == results["base"]["n"]
+    assert [p["target"] for p in results["lora"]["predictions"]] == ["yes", "no", "maybe", "hi"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--checkpoint", "no/such/folder"], "checkpoint folder not found: no/such/folder"),
     (["--tasks", "ad", "--base-model", "tiny-random-llama"], "unknown task 'ad'"),
