@@ -11,8 +11,8 @@ have one), as `research/peft-anchors.md` measures PEFT. Cases run interleaved (r
 repeats), so drift on a shared machine hits every case alike; medians with min-max, and each ratio is the
 case's median over its peer's median (`cases.py`: PEFT LoRA of equal total rank, PEFT X-LoRA for X-LoRA).
 
-Memory: peak RSS cannot be told apart within one process, so each case is also run alone in a child
-process (2 warm-up + 2 steps) and its `ru_maxrss` is reported; the ratio is against its peer's child.
+Memory: peak RSS cannot be told apart within one process, so each case is first run alone in a child
+process (2 steps) and its peak RSS (VmHWM) is reported; the ratio is against its peer's child.
 """
 
 from __future__ import annotations
@@ -71,13 +71,16 @@ def build_all(names, args, workdir):
 
 
 def peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS in MiB. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork
+    and exec, so a child of a large parent would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def memory_of(name: str, args, workdir: Path) -> float:
-    """Peak RSS (MiB) of a child process that builds the case and runs 2 warm-up + 2 steps."""
+    """Peak RSS (MiB) of a child process that builds the case and runs 2 steps."""
     cmd = [sys.executable, __file__, "--child", name, "--base", args.base, "--batch", str(args.batch),
            "--seq", str(args.seq), "--threads", str(args.threads), "--workdir", str(workdir)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -94,6 +97,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-case child processes")
+    parser.add_argument("--memory-only", action="store_true", help="only the per-case child processes")
     parser.add_argument("--workdir", default=None, help="X-LoRA expert folders (default: a temp dir)")
     parser.add_argument("--json", help="write the raw numbers here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -102,14 +106,23 @@ def main(argv=None):
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-train-"))
 
     if args.child:  # one case alone, for its peak memory
-        needs = [args.child] + (["peft_xlora"] if args.child == "xlora" else [])
-        steps, _ = build_all(needs, args, workdir)
-        for _ in range(4):
+        steps, _ = build_all([args.child], args, workdir)  # X-LoRA: its own classifier init, same size
+        for _ in range(2):  # the optimizer state exists after the first step; the second is steady state
             steps[args.child]()
         print(peak_rss_mb())
         return
 
     names = list(dict.fromkeys(args.cases + [CASES[n].peer for n in args.cases if CASES[n].peer]))
+    memory = {} if args.no_memory else {name: memory_of(name, args, workdir) for name in names}
+    if args.memory_only:
+        print("| case | peer | peak RSS MiB | RSS vs peer |\n|---|---|---:|---:|")
+        for name in names:
+            peer = CASES[name].peer
+            print(f"| {name} | {peer or '–'} | {memory[name]:.0f} | {f'{memory[name] / memory[peer]:.2f}x' if peer else '–'} |")
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"args": vars(args), "peak_rss_mib": memory}, indent=2))
+        return
     steps, params = build_all(names, args, workdir)
     for name in names:
         for _ in range(args.warmup):
@@ -121,7 +134,6 @@ def main(argv=None):
             steps[name]()
             times[name].append(time.perf_counter() - t0)
         gc.collect()
-    memory = {} if args.no_memory else {name: memory_of(name, args, workdir) for name in names}
 
     tokens = args.batch * args.seq
     header = (f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
