@@ -255,14 +255,9 @@ def comparison_table(results: dict, common: list[str]) -> str:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from moelora.errors import MoeloraError
+    from moelora.errors import run_cli
 
-    try:
-        main(argv)
-    except MoeloraError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

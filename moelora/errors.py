@@ -32,3 +32,16 @@ class BaseModelError(MoeloraError, ValueError):
 
 class TrainingError(MoeloraError, RuntimeError):
     """Training had to stop (non-finite loss or gradient, collapsed router); checkpoints are left intact."""
+
+
+def run_cli(main, argv=None) -> int:
+    """Run a script's `main(argv)`; bad input (any MoeloraError: config key, file, shape) becomes one line
+    on stderr and exit code 2, never a traceback."""
+    import sys
+
+    try:
+        main(argv)
+    except MoeloraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -46,20 +46,18 @@ def _short(name: str) -> str:
     return name.replace("model.layers.", "L").replace("self_attn.", "").replace("mlp.", "")
 
 
-def plot_layer_load(routing: dict, path: str | Path, title: str, expert_names: list[str] | None = None) -> Path:
-    if not routing:
-        raise DataError(f"no routing statistics to plot for {title} (the method has no learned router)")
+def _heatmap(mat: np.ndarray, rows: list[str], row_fontsize: int, cmap: str, title: str, path: str | Path,
+             expert_names: list[str] | None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on CI or servers
     import matplotlib.pyplot as plt
 
-    layers, mat = _layer_matrix(routing)
-    fig, ax = plt.subplots(figsize=(min(4 + 0.12 * mat.shape[1], 14), 2 + 0.16 * len(layers)))
-    im = ax.imshow(mat, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)  # 0 = dead
-    ax.set_yticks(range(len(layers)), [_short(n) for n in layers], fontsize=5)
+    fig, ax = plt.subplots(figsize=(min(4 + 0.12 * mat.shape[1], 14), 1.5 + (0.3 if row_fontsize > 5 else 0.16) * len(rows)))
+    im = ax.imshow(mat, aspect="auto", cmap=cmap, interpolation="nearest", vmin=0)  # 0 = a dead expert
+    ax.set_yticks(range(len(rows)), rows, fontsize=row_fontsize)
     _label_experts(ax, expert_names)
-    ax.set_title(f"{title}: load per layer (all tasks)")
+    ax.set_title(title)
     fig.colorbar(im, ax=ax, label="share of routed tokens")
     fig.tight_layout()
     path = Path(path)
@@ -68,28 +66,24 @@ def plot_layer_load(routing: dict, path: str | Path, title: str, expert_names: l
     return path
 
 
-def plot_task_routing(routing: dict, path: str | Path, title: str, expert_names: list[str] | None = None) -> Path:
+def _check(routing: dict, title: str) -> None:
     if not routing:
         raise DataError(f"no routing statistics to plot for {title} (the method has no learned router)")
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def plot_layer_load(routing: dict, path: str | Path, title: str, expert_names: list[str] | None = None) -> Path:
+    _check(routing, title)
+    layers, mat = _layer_matrix(routing)
+    return _heatmap(mat, [_short(n) for n in layers], 5, "viridis", f"{title}: load per layer (all tasks)", path,
+                    expert_names)
+
+
+def plot_task_routing(routing: dict, path: str | Path, title: str, expert_names: list[str] | None = None) -> Path:
+    _check(routing, title)
     tasks = list(routing)
     width = max(len(load) for per_layer in routing.values() for load in per_layer.values())
     mat = np.zeros((len(tasks), width))
     for i, task in enumerate(tasks):
         loads = [np.pad(np.asarray(v, float), (0, width - len(v))) for v in routing[task].values()]
         mat[i] = np.mean(loads, axis=0)
-    fig, ax = plt.subplots(figsize=(min(4 + 0.12 * width, 14), 1.5 + 0.3 * len(tasks)))
-    im = ax.imshow(mat, aspect="auto", cmap="magma", interpolation="nearest", vmin=0)
-    ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
-    _label_experts(ax, expert_names)
-    ax.set_title(f"{title}: load per task (mean over layers)")
-    fig.colorbar(im, ax=ax, label="share of routed tokens")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _heatmap(mat, tasks, 7, "magma", f"{title}: load per task (mean over layers)", path, expert_names)
