@@ -182,14 +182,12 @@ def load_model(path: Path | None, base_id: str):
 def score(model, tokenizer, examples_by_task: dict, args, bar, name: str) -> dict:
     from moelora.eval_suite import evaluate_tasks
 
-    part = {"per_task": {}, "n": {}, "predictions": [], "routing": {}}
-    for task, exs in examples_by_task.items():
+    def done(task):
         bar.set_postfix(model=name, task=task)
-        res = evaluate_tasks(model, tokenizer, {task: exs}, args.batch_size, args.max_new_tokens)
-        for key in part:
-            part[key] = part[key] + res[key] if key == "predictions" else {**part[key], **res[key]}
         bar.update(1)
-    return part
+
+    return evaluate_tasks(model, tokenizer, examples_by_task, args.batch_size, args.max_new_tokens,
+                          on_task_done=done)
 
 
 def gather(state, part: dict) -> list[dict]:

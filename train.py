@@ -49,11 +49,10 @@ def main(argv: list[str] | None = None) -> dict:
     from moelora.training.state import (list_checkpoints, load_checkpoint, prune_checkpoints, resolve_resume,
                                         save_checkpoint)
 
-
     # --- 2. accelerator: devices, processes, mixed precision, DeepSpeed ----------------------------
     # CPU-only process groups need gloo (accelerate picks none there); a single process needs no group.
     handlers = [InitProcessGroupKwargs(backend="gloo")] if needs_gloo(cfg) else []
-    if cfg.data.suite == "multimodal":  # a process whose batch has no image/audio leaves that encoder unused
+    if cfg.data.suite == "multimodal":  # modality routing's LoRAs get no gradient from an all-text batch
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     accelerator = Accelerator(
         # On a machine without GPUs, `accelerate launch --multi_gpu` must still mean data parallel over CPU

@@ -62,12 +62,12 @@ def load_eval_examples(tasks: Sequence[str], n_eval_per_task: int, seed: int,
 
 
 def evaluate_tasks(model, tokenizer, examples_by_task: dict[str, list[dict]], batch_size: int = 64,
-                   max_new_tokens: int = 12, progress: bool = False) -> dict:
+                   max_new_tokens: int = 12, progress: bool = False, on_task_done=None) -> dict:
     """Exact match per task, with every prediction and (for routed methods) the routers' load per task.
 
     Returns ``{"per_task", "n", "predictions": [{task, index, instruction, target, prediction, correct}],
     "routing": {task: {layer: [load fraction per expert/rank]}}}`` ("routing" is empty for methods without
-    a learned router, e.g. plain LoRA or modality routing)."""
+    a learned router, e.g. plain LoRA or modality routing). `on_task_done(task)` is called after each task."""
     stats_of = getattr(model, "router_stats", None)
     reset = getattr(model, "reset_router_stats", None)
     per_task, n, predictions, routing = {}, {}, [], {}
@@ -82,6 +82,8 @@ def evaluate_tasks(model, tokenizer, examples_by_task: dict[str, list[dict]], ba
         stats = stats_of() if stats_of is not None else {}
         if stats:
             routing[task] = {layer: s["load"] for layer, s in stats.items()}
+        if on_task_done is not None:
+            on_task_done(task)
     return {"per_task": per_task, "n": n, "predictions": predictions, "routing": routing}
 
 
