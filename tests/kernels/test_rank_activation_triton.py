@@ -19,81 +19,9 @@ from moelora.kernels import rank_activation as ra
 from moelora.kernels.rank_activation import GPU_TILES, rank_activation_triton
 from moelora.ops import rank_activation_loop, rank_activation_torch
 
+from tests.kernels.cases import PATTERNS, TOL, assert_match, make_case, run
+
 assert ra.INTERPRET, "tests/kernels/conftest.py must set TRITON_INTERPRET before the kernel import"
-
-# (E, block, k, routing): routing is "same" (iA is iB), "sep" (MixLoRA: per-sequence iA != iB),
-# "dense" (gates [N, E]) or "modality" (k=1, a third of the tokens with no adapter).
-PATTERNS = {
-    "smora_r64_k8": (64, 1, 8, "same"),
-    "smora_k1": (24, 1, 1, "same"),
-    "smora_k_eq_E": (12, 1, 12, "same"),
-    "experts_8x16_top2": (8, 16, 2, "same"),
-    "experts_8x16_dense": (8, 16, None, "dense"),
-    "ranks_dense": (20, 1, None, "dense"),
-    "mixlora_sep": (16, 1, 4, "sep"),
-    "experts_sep_b3": (5, 3, 2, "sep"),
-    "modality_k1": (2, 8, 1, "modality"),
-}
-TOL = {  # (rtol, atol as a fraction of the reference's max magnitude)
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (1e-2, 1e-2),
-    torch.bfloat16: (3e-2, 3e-2),
-}
-
-
-def make_case(pattern, n=67, d_in=45, d_out=83, dtype=torch.float32, seed=0, with_out=False):
-    e, block, k, routing = PATTERNS[pattern] if isinstance(pattern, str) else pattern
-    g = torch.Generator().manual_seed(seed)
-    r = e * block
-    x = torch.randn(n, d_in, generator=g)
-    A = torch.randn(r, d_in, generator=g) / d_in**0.5
-    B = torch.randn(d_out, r, generator=g) / r**0.5
-    if routing == "dense":
-        idx_a = idx_b = None
-        gates = torch.rand(n, e, generator=g)
-    else:
-        def pick(rows):  # k distinct blocks per row
-            rows = [torch.randperm(e, generator=g)[:k] for _ in range(rows)]
-            return torch.stack(rows) if rows else torch.zeros(0, k, dtype=torch.long)
-
-        idx_a = pick(n)
-        gates = torch.rand(n, k, generator=g)
-        if routing == "sep":  # one choice per sequence of 10 tokens, repeated for its tokens
-            seqs = -(-n // 10)
-            idx_a, idx_b = pick(seqs).repeat_interleave(10, 0)[:n], pick(seqs).repeat_interleave(10, 0)[:n]
-        else:
-            idx_b = idx_a
-        if routing == "modality":
-            idx_a[::3] = -1  # text tokens: no adapter
-            gates = torch.ones(n, k)
-    out = torch.randn(n, d_out, generator=g) if with_out else None
-    cast = lambda t: t if t is None else t.to(dtype)  # noqa: E731
-    return dict(x=cast(x), A=cast(A), B=cast(B), idx_a=idx_a, idx_b=idx_b, gates=gates, out=cast(out),
-                block=block, scaling=0.7)
-
-
-def run(fn, case, grad_out=True):
-    """y and the gradients of (x, A, B, gates[, out]) for a fixed upstream gradient."""
-    leaves = {n: case[n].detach().clone().requires_grad_() for n in ("x", "A", "B", "gates")}
-    if case["out"] is not None and grad_out:
-        leaves["out"] = case["out"].detach().clone().requires_grad_()
-    kw = {"out": leaves.get("out", case["out"])} if fn is not rank_activation_loop else {}
-    y = fn(leaves["x"], leaves["A"], leaves["B"], case["idx_a"], case["idx_b"], leaves["gates"],
-           case["scaling"], case["block"], **kw)
-    if fn is rank_activation_loop and case["out"] is not None:
-        y = y + leaves["out"]
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(123)).to(y.dtype)
-    y.backward(dy)
-    return {"y": y.detach(), **{f"d{n}": t.grad for n, t in leaves.items()}}
-
-
-def assert_match(got, ref, dtype, what=""):
-    rtol, frac = TOL[dtype]
-    assert got.keys() == ref.keys()
-    for name in ref:
-        r, g = ref[name].float(), got[name].float()
-        torch.testing.assert_close(g, r, rtol=rtol, atol=frac * max(1.0, r.abs().max().item()),
-                                   msg=lambda m: f"{what} {name}: {m}")
 
 
 @pytest.mark.parametrize("pattern", list(PATTERNS))
@@ -292,7 +220,7 @@ calls = []
 class Record:  # stands in for kernel[grid](...): records the launch instead of running it
     def __init__(self, fn): self.fn = fn
     def __getitem__(self, grid): return lambda *args, **kw: calls.append((self.fn, args, kw))
-for name in ("_matmul_kernel", "_expand_kernel", "_gate_backward_kernel"):
+for name in ("_matmul_kernel", "_routing_kernel"):
     setattr(ra, name, Record(getattr(ra, name)))
 ra._check = lambda *args: None  # CPU tensors without the interpreter are refused otherwise
 PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64"}
@@ -342,30 +270,13 @@ def test_gpu_launches_compile_for_sm90():
     assert "compiled" in proc.stdout
 
 
-_GPU = r'''
-import torch
-from moelora.kernels.rank_activation import rank_activation_triton
-from moelora.ops import rank_activation_torch
-torch.manual_seed(0)
-n, d, e, b, k = 1000, 512, 8, 16, 2
-for dtype in (torch.bfloat16, torch.float32):
-    x, A, B = (torch.randn(*s, device="cuda", dtype=dtype) / 8 for s in ((n, d), (e * b, d), (d, e * b)))
-    ia = torch.randint(0, e, (n, k), device="cuda"); g = torch.rand(n, k, device="cuda")
-    res = []
-    for fn in (rank_activation_triton, rank_activation_torch):
-        leaves = [t.clone().requires_grad_() for t in (x, A, B, g)]
-        y = fn(leaves[0], leaves[1], leaves[2], ia, ia, leaves[3], 2.0, b)
-        y.backward(torch.ones_like(y))
-        res.append([y] + [t.grad for t in leaves])
-    for a, r in zip(*res):
-        err = (a.float() - r.float()).abs().max().item() / max(1.0, r.float().abs().max().item())
-        assert err < (3e-2 if dtype == torch.bfloat16 else 1e-2), (dtype, err)
-print("ok")
-'''
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled kernels, not the interpreter)")
-def test_compiled_kernels_on_gpu():
+@pytest.mark.parametrize("what", ["op", "methods"])
+def test_compiled_kernels_on_gpu(what):
+    """tests/kernels/gpu_checks.py: every pattern and dtype, then every method, compiled Triton vs torch."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _GPU], env=env, capture_output=True, text=True, timeout=600)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-m", "tests.kernels.gpu_checks", what], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "all GPU checks passed" in proc.stdout
