@@ -37,15 +37,18 @@ DENSE, SAME, SEPARATE = 0, 1, 2
 
 @triton.jit
 def _matmul_kernel(
-    a_ptr, b_ptr, c_ptr, M, N, K, k_per_split, alpha,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn,
-    COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+    a_ptr, b_ptr, c_ptr, add_ptr, M, N, K, k_per_split, alpha,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn, stride_add,
+    ADD: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """C[s] = alpha * A[:, Ks] @ B[Ks, :] for the s-th slice Ks of K (program axis 2), fp32 accumulate.
+    """C[s] = alpha * A[:, Ks] @ B[Ks, :] (+ ADD[:, :]) for the s-th slice Ks of K (program axis 2), fp32
+    accumulate.
 
     Strides make transposes free (dA = dH^T x reads dH column-major). With one slice, C is the result;
-    with several, C is an fp32 [S, M, N] partial buffer the launcher sums (deterministic split-K).
+    with several, C is an fp32 [S, M, N] partial buffer the launcher sums (deterministic split-K). ADD
+    (one slice only) adds a row-major [M, N] input in the epilogue (vLLM's ADD_INPUTS): the expand adds the
+    base output there, so y is read and written exactly once.
     """
     pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -63,8 +66,12 @@ def _matmul_kernel(
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         # Casting after the load is also the interpreter's bf16 workaround (COMPUTE is fp32 there).
         acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=PRECISION)
+    acc = acc * alpha
+    mask = m_mask[:, None] & n_mask[None, :]
+    if ADD:
+        acc += tl.load(add_ptr + offs_m[:, None] * stride_add + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     c = c_ptr + pid_s * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c, (acc * alpha).to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -112,46 +119,16 @@ def _route(
 
 
 @triton.jit
-def _expand_kernel(
-    h_ptr, idx_a_ptr, idx_b_ptr, g_ptr, b_ptr, out_ptr, y_ptr,
-    N, D_OUT, R, n_slots, n_blocks, block, scaling,
-    stride_h, stride_idx, stride_g, stride_bo, stride_br, stride_out, stride_y,
-    ROUTE: tl.constexpr, ADD_OUT: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """y = out + s * route(H) @ B^T for one [BLOCK_M, BLOCK_N] output tile: gate and expand fused, and
-    the base output read in the epilogue (ADD_OUT), so y is read and written exactly once."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    row_mask, col_mask = rows < N, cols < D_OUT
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        ranks = r0 + tl.arange(0, BLOCK_R)
-        rank_mask = ranks < R
-        hg = _route(h_ptr, stride_h, idx_a_ptr, idx_b_ptr, g_ptr, stride_idx, stride_g,
-                    rows, row_mask, ranks, rank_mask, n_slots, n_blocks, block, ROUTE, BLOCK_M, BLOCK_R)
-        bt = tl.load(b_ptr + cols[None, :] * stride_bo + ranks[:, None] * stride_br,  # B^T tile [R, N]
-                     mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(hg.to(COMPUTE), bt.to(COMPUTE), acc, input_precision=PRECISION)
-    acc = acc * scaling
-    rows64 = rows.to(tl.int64)
-    mask = row_mask[:, None] & col_mask[None, :]
-    if ADD_OUT:
-        acc += tl.load(out_ptr + rows64[:, None] * stride_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows64[:, None] * stride_y + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _gate_backward_kernel(
+def _routing_kernel(
     h_ptr, dhg_ptr, idx_a_ptr, idx_b_ptr, g_ptr, hg_ptr, dh_ptr, dg_ptr,
     N, R, n_slots, n_blocks, block,
     stride_h, stride_dhg, stride_idx, stride_g, stride_hg, stride_dh, stride_dg,
     ROUTE: tl.constexpr, STORE_HG: tl.constexpr, STORE_DH: tl.constexpr, STORE_DG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Per token tile, the routing's backward (all [N, R] fp32 except dg):
-    H_g = route(H) (for dB), dH = route^T(dH_g) (for dX, dA) and dg[n, j] = <dH_g[blk iB], H[blk iA]>."""
+    """Per token tile, the routing and its backward (all [N, R] fp32 except dg), each computed once per token:
+    H_g = route(H) (the forward's expand input, and dB's), dH = route^T(dH_g) (for dX, dA) and
+    dg[n, j] = <dH_g[blk iB], H[blk iA]>."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
@@ -218,12 +195,12 @@ class Tiles:
 # Untuned starting points for Hopper/Ampere (GPU figures are not yet measured: DESIGN.md).
 GPU_TILES = {
     "shrink": Tiles(128, 64, 64, 4, 4),    # H = x A^T         M=tokens N=ranks K=d_in
-    "expand": Tiles(128, 128, 64, 8, 2),   # y = out + sHgB^T  M=tokens N=d_out K=ranks (BLOCK_R)
+    "expand": Tiles(128, 128, 64, 8, 2),   # y = out + sHgB^T  M=tokens N=d_out K=ranks
     "grad_hg": Tiles(128, 64, 64, 4, 4),   # dHg = s dY B      M=tokens N=ranks K=d_out
     "grad_x": Tiles(128, 128, 64, 8, 2),   # dX = dH A         M=tokens N=d_in  K=ranks
     "grad_a": Tiles(64, 128, 64, 4, 3),    # dA = dH^T x       M=ranks  N=d_in  K=tokens (split)
     "grad_b": Tiles(128, 64, 64, 4, 3),    # dB = s dY^T Hg    M=d_out  N=ranks K=tokens (split)
-    "gate": Tiles(64, 64, 64, 4, 1),       # route backward    block_m=tokens block_n=ranks (no dot)
+    "routing": Tiles(64, 64, 64, 4, 1),    # H_g, dH, dg       block_m=tokens block_n=ranks (no dot)
 }
 # The interpreter costs ~7 ms per program x loop trip whatever the tile, so use few, large tiles.
 INTERPRET_TILES = {name: Tiles(64, 64, 64, 1, 1) for name in GPU_TILES}
@@ -259,30 +236,38 @@ def _sm_count(index: int) -> int:
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-def _matmul(a, b, *, alpha=1.0, out_dtype=torch.float32, tiles: Tiles, compute=torch.float32, split=False):
-    """alpha * a @ b with fp32 accumulation (a, b: 2-D, any strides). With split=True the reduction
-    is cut into slices whose fp32 partials are summed by torch (a fixed order: deterministic). Used
-    wherever one output side is only R wide (H, dH_g, dA, dB): without it, 8192 tokens x R=64 in
-    128 x 64 tiles is 64 programs, half an H100, on a kernel that is all memory traffic."""
+def _matmul(a, b, *, alpha=1.0, out_dtype=torch.float32, tiles: Tiles, compute=torch.float32, split=False,
+            add=None):
+    """alpha * a @ b (+ add) with fp32 accumulation (a, b: 2-D, any strides; add: row-major [M, N]).
+
+    With split=True a long reduction is cut into slices whose fp32 partials torch sums (a fixed order:
+    deterministic). Used wherever one output side is only R wide (H, dH_g, dA, dB): 8192 tokens x R=64 in
+    128 x 64 tiles is 64 programs, half an H100. A short reduction is not split: the partial buffer and
+    the sum's launch would cost more than the idle SMs (the op is launch-bound at small d: DESIGN.md)."""
     (m, k), n = a.shape, b.shape[1]
     if m == 0 or n == 0 or k == 0:
-        return torch.zeros(m, n, device=a.device, dtype=out_dtype)
+        return torch.zeros(m, n, device=a.device, dtype=out_dtype) if add is None else add.to(out_dtype)
     grid_mn = triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n)
+    k_tiles = triton.cdiv(k, tiles.block_k)
     splits = 1
-    if split:  # about one wave of programs on the GPU (a few under the interpreter, to exercise it)
-        target = _sm_count(a.device.index or 0) if a.is_cuda else 4
-        splits = max(1, min(triton.cdiv(k, tiles.block_k), triton.cdiv(target, grid_mn)))
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), tiles.block_k) * tiles.block_k
+    if split and add is None:
+        if a.is_cuda:  # about one wave of programs, for a reduction of more than 16 tiles
+            splits = triton.cdiv(_sm_count(a.device.index or 0), grid_mn) if k_tiles > 16 else 1
+        else:  # the interpreter: a few slices, so that tests exercise the path
+            splits = triton.cdiv(4, grid_mn)
+        splits = max(1, min(k_tiles, splits))
+    k_per_split = triton.cdiv(k_tiles, splits) * tiles.block_k
     splits = triton.cdiv(k, k_per_split)
     c = torch.empty((splits, m, n) if splits > 1 else (1, m, n), device=a.device,
                     dtype=torch.float32 if splits > 1 else out_dtype)
     dot_dtype, precision = _compute(compute)
     grid = (triton.cdiv(m, tiles.block_m), triton.cdiv(n, tiles.block_n), splits)
     _matmul_kernel[grid](
-        a, b, c, m, n, k, k_per_split, alpha,          # A, B, C, M, N, K, k_per_split, alpha
+        a, b, c, add if add is not None else c, m, n, k, k_per_split, alpha,  # A, B, C, ADD, M, N, K, ..., alpha
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),  # stride_am, stride_ak, stride_bk, stride_bn
         c.stride(0), c.stride(1), c.stride(2),         # stride_cs (split), stride_cm, stride_cn
-        COMPUTE=dot_dtype, PRECISION=precision,
+        add.stride(0) if add is not None else 0,       # stride_add
+        ADD=add is not None, COMPUTE=dot_dtype, PRECISION=precision,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, **_launch_opts(tiles, compute),
     )
     return c[0] if splits == 1 else c.sum(0).to(out_dtype)
@@ -295,31 +280,8 @@ def _route_args(idx_a, idx_b, gates, h):
     return idx_a, idx_b, idx_a.stride(0), gates.stride(0)
 
 
-def _expand(h, B, idx_a, idx_b, gates, out, scaling, block, route, n_slots):
-    """y = out + s * route(h) @ B^T, one launch."""
-    n, r = h.shape
-    d_out = B.shape[0]
-    y = torch.empty(n, d_out, device=h.device, dtype=B.dtype)
-    if n == 0 or d_out == 0:
-        return y
-    t = tiles_for("expand")
-    ia, ib, stride_idx, stride_g = _route_args(idx_a, idx_b, gates, h)
-    dot_dtype, precision = _compute(B.dtype)
-    grid = (triton.cdiv(n, t.block_m), triton.cdiv(d_out, t.block_n))
-    _expand_kernel[grid](
-        h, ia, ib, gates, B, out if out is not None else y, y,  # H, iA, iB, gates, B, out, y
-        n, d_out, r, n_slots, r // block, block, scaling,      # N, D_OUT, R, n_slots, n_blocks, block, s
-        h.stride(0), stride_idx, stride_g,                     # stride_h, stride_idx, stride_g
-        B.stride(0), B.stride(1),                              # stride_bo, stride_br
-        out.stride(0) if out is not None else 0, y.stride(0),  # stride_out, stride_y
-        ROUTE=route, ADD_OUT=out is not None, COMPUTE=dot_dtype, PRECISION=precision,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_R=t.block_k, **_launch_opts(t, B.dtype),
-    )
-    return y
-
-
-def _gate_backward(h, dhg, idx_a, idx_b, gates, block, route, n_slots, need_hg, need_dh, need_dg):
-    """(H_g, dH, dg) from H and dH_g; those not needed come back as None."""
+def _routing(h, dhg, idx_a, idx_b, gates, block, route, n_slots, need_hg, need_dh, need_dg):
+    """(H_g, dH, dg) from H (and dH_g, for the last two); those not needed come back as None."""
     n, r = h.shape
     new = functools.partial(torch.empty, device=h.device, dtype=torch.float32)
     hg = new(n, r) if need_hg else None
@@ -327,12 +289,12 @@ def _gate_backward(h, dhg, idx_a, idx_b, gates, block, route, n_slots, need_hg, 
     dg = new(gates.shape) if need_dg else None
     if n == 0 or not (need_hg or need_dh or need_dg):
         return hg, dh, dg
-    t = tiles_for("gate")
+    t = tiles_for("routing")
     n_blocks = r // block
     block_s = triton.next_power_of_2(min(n_blocks, 64) if route == DENSE else n_slots)
     ia, ib, stride_idx, stride_g = _route_args(idx_a, idx_b, gates, h)
     dhg_ = dhg if dhg is not None else h  # unused when neither dH nor dg is wanted
-    _gate_backward_kernel[(triton.cdiv(n, t.block_m),)](
+    _routing_kernel[(triton.cdiv(n, t.block_m),)](
         h, dhg_, ia, ib, gates,                                 # H, dH_g, iA, iB, gates
         hg if need_hg else h, dh if need_dh else h, dg if need_dg else h,  # outputs (dummies unused)
         n, r, n_slots, n_blocks, block,                         # N, R, n_slots, n_blocks, block
@@ -357,7 +319,11 @@ class RankActivation(torch.autograd.Function):
         h_given = h is not None
         if not h_given:
             h = _matmul(x, A.t(), tiles=tiles_for("shrink"), compute=x.dtype, split=True)  # [N, R] fp32
-        y = _expand(h, B, idx_a, idx_b, gates, out, scaling, block, route, n_slots)
+        # Route once per token, then a plain GEMM: routing inside the expand would redo it for every
+        # output column tile (d_out / BLOCK_N times), which cost more than the GEMM itself on an H100.
+        hg, _, _ = _routing(h, None, idx_a, idx_b, gates, block, route, n_slots, True, False, False)
+        y = _matmul(hg, B.t(), alpha=scaling, out_dtype=B.dtype, tiles=tiles_for("expand"), compute=B.dtype,
+                    add=out)
         ctx.save_for_backward(None if h_given else x, None if h_given else A, B, gates, h, idx_a, idx_b)
         ctx.meta = (scaling, block, route, n_slots, h_given, out is not None)
         return y
@@ -375,7 +341,7 @@ class RankActivation(torch.autograd.Function):
         if need_dh or need_g:
             dhg = _matmul(dy, B, alpha=scaling, tiles=tiles_for("grad_hg"), compute=B.dtype, split=True)
         # H_g = route(H); dH = g-weighted dH_g moved back to the A ranks; dg = <dH_g, H> per slot.
-        hg, dh, dg = _gate_backward(h, dhg, idx_a, idx_b, gates, block, route, n_slots, need_b, need_dh, need_g)
+        hg, dh, dg = _routing(h, dhg, idx_a, idx_b, gates, block, route, n_slots, need_b, need_dh, need_g)
         if need_b:  # dB = s * dY^T H_g, reduced over tokens
             dB = _matmul(dy.t(), hg, alpha=scaling, out_dtype=B.dtype, tiles=tiles_for("grad_b"),
                          compute=B.dtype, split=True)
