@@ -3,10 +3,11 @@
 
     python benchmarks/bench_generate.py --json benchmarks/results/generate.json      # every case, 64 tokens
     python benchmarks/bench_generate.py --cases xlora --new-tokens 128                # X-LoRA vs PEFT only
+    python benchmarks/bench_generate.py --device cuda --base random-smollm2-135m     # on a GPU
 
 Setup as `research/peft-anchors.md`: batch 1, a 32-token random prompt, exactly --new-tokens greedy tokens
-(min = max), fp32, 2 threads. Every case (and its peer from `cases.py`) is built in this process on the same
-base weights; 1 warm-up call each, then --runs timed calls round robin over the cases (median). PEFT's X-LoRA
+(min = max), fp32 and 2 threads unless --dtype, --threads or --device say otherwise. Every case (and its
+peer from `cases.py`) is built in this process on the same base weights; 1 warm-up call each, then --runs timed calls round robin over the cases (median). PEFT's X-LoRA
 turns the KV cache off and takes ~1 minute per call, so it gets --peft-xlora-runs calls. Our X-LoRA loads the
 same expert folders and PEFT's classifier weights: both compute the same function, and the script reports
 whether they generated identical tokens.
@@ -29,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from cases import CASES, build_case, make_batch, peft_xlora_head  # noqa: E402
+from cases import CASES, DTYPES, build_case, make_batch, peft_xlora_head, sync  # noqa: E402
 
 GEN_CASES = list(CASES)
 
@@ -44,6 +45,8 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--peft-xlora-runs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (our methods then run the Triton kernels)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="of the base and the adapters")
     parser.add_argument("--workdir", default=None, help="X-LoRA expert folders (default: a temp dir)")
     parser.add_argument("--json", help="write the raw numbers here")
     args = parser.parse_args(argv)
@@ -55,12 +58,12 @@ def main(argv=None):
     n_new = args.new_tokens
     calls, outputs, head = {}, {}, None
     for name in names:
-        model = build_case(name, args.base, workdir, head).eval()
+        model = build_case(name, args.base, workdir, head, args.device, DTYPES[args.dtype]).eval()
         if name == "peft_xlora":
             head = peft_xlora_head(model)
         gen = torch.Generator().manual_seed(4321)  # the same prompt ids for every case
         inputs = make_batch(name, model.get_input_embeddings().num_embeddings, 1, args.prompt_len, gen,
-                            getattr(model, "media_tokens", None))
+                            getattr(model, "media_tokens", None), args.device, DTYPES[args.dtype])
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
 
         def call(model=model, inputs=inputs, tokens=n_new):
@@ -76,10 +79,12 @@ def main(argv=None):
                 continue
             t0 = time.perf_counter()
             outputs[name] = calls[name]()
+            sync(args.device)
             times[name].append(time.perf_counter() - t0)
 
-    header = (f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
-              f"{args.base}, batch 1, prompt {args.prompt_len}, {n_new} new tokens, greedy, KV cache on (PEFT X-LoRA: "
+    where = (torch.cuda.get_device_name() if torch.device(args.device).type == "cuda"
+             else f"{platform.processor() or platform.machine()}, {args.threads} threads")
+    header = (f"{where}, torch {torch.__version__}, {args.dtype}, {args.base}, batch 1, prompt {args.prompt_len}, {n_new} new tokens, greedy, KV cache on (PEFT X-LoRA: "
               f"off, forced by PEFT), median of {args.runs} ({args.peft_xlora_runs} for PEFT X-LoRA), "
               f"1-min load average {os.getloadavg()[0]:.2f} at the end")
     print("# " + header)

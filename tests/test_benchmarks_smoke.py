@@ -37,3 +37,52 @@ def test_generate_benchmark_xlora_matches_peft_tokens(tmp_path):
     cases = json.loads(out.read_text())["cases"]
     assert cases["xlora"]["identical_tokens_to_peer"] is True
     assert cases["xlora"]["speed_vs_peer"] > 0
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_times_each_backend_in_bf16(tmp_path):
+    """--backends gives one row per op backend (the same model and peer), --dtype moves everything to bf16."""
+    import bench_train_step
+
+    out = tmp_path / "train.json"
+    bench_train_step.main(["--base", "tiny-random-llama", "--cases", "mixlora", "--backends", "torch",
+                           "--dtype", "bf16", "--steps", "1", "--warmup", "0", "--seq", "16", "--no-memory",
+                           "--json", str(out)])
+    cases = json.loads(out.read_text())["cases"]
+    assert set(cases) == {"mixlora@torch", "peft_lora16"}
+    assert cases["mixlora@torch"]["peer"] == "peft_lora16" and cases["mixlora@torch"]["time_ratio"] > 0
+
+
+def test_random_smollm2_base_has_the_real_shape():
+    """GPU runs use SmolLM2-135M's architecture with random weights: same parameter count as the real model."""
+    import cases
+
+    with __import__("torch").device("meta"):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(**cases.SMOLLM2_SHAPE))
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+
+
+@pytest.mark.parametrize("script", ["bench_kernel.py", "tune_kernel_tiles.py", "profile_kernel.py"])
+def test_gpu_scripts_exit_with_a_message_without_a_gpu(script):
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the scripts would run")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script)], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}, timeout=300)
+    assert proc.returncode != 0 and "needs a CUDA GPU" in proc.stderr
+
+
+@pytest.mark.integration
+def test_random_smollm2_shape_matches_the_packaged_config():
+    import cases
+
+    from moelora.base_models import resolve_base_model
+
+    real = resolve_base_model("smollm2-135m-instruct")[0].config
+    for key, value in cases.SMOLLM2_SHAPE.items():
+        assert getattr(real, key) == (pytest.approx(value) if isinstance(value, float) else value), key
