@@ -5,7 +5,7 @@
 Backends: plain PyTorch, and a Triton kernel (forward + backward) for CUDA tensors.
 `MOELORA_BACKEND=torch|triton|auto` picks one. `auto` (the default) takes the path measured faster end to end:
 today that is the PyTorch path on GPUs too. On an H100 the Triton kernels spend less GPU time in the
-forward, but a training step is bound by kernel launches, and a Triton launch costs the host ~2.7x a torch
+forward, but a training step is bound by kernel launches, and a Triton launch costs the host 2-3x a torch
 op, so every method trained faster on the PyTorch path (benchmarks/RESULTS.md, "GPU"). `triton` opts in;
 on CPU tensors it works under `TRITON_INTERPRET=1`, which is how CI tests the kernel.
 """
