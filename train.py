@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
     from accelerate import Accelerator, DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
-    from accelerate.utils import set_seed
+    from accelerate.utils import DDPCommunicationHookType, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -52,8 +52,13 @@ def main(argv: list[str] | None = None) -> dict:
     # --- 2. accelerator: devices, processes, mixed precision, DeepSpeed ----------------------------
     # CPU-only process groups need gloo (accelerate picks none there); a single process needs no group.
     handlers = [InitProcessGroupKwargs(backend="gloo")] if needs_gloo(cfg) else []
+    ddp = {}
     if cfg.data.suite == "multimodal":  # modality routing's LoRAs get no gradient from an all-text batch
-        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+        ddp["find_unused_parameters"] = True
+    if cfg.ddp_comm_hook != "none":  # 16-bit gradients in the all-reduce (DDP; refused with DeepSpeed)
+        ddp["comm_hook"] = DDPCommunicationHookType(cfg.ddp_comm_hook)
+    if ddp:
+        handlers.append(DistributedDataParallelKwargs(**ddp))
     accelerator = Accelerator(
         # On a machine without GPUs, `accelerate launch --multi_gpu` must still mean data parallel over CPU
         # processes (gloo); DeepSpeed brings its own CPU accelerator and must not be forced off by cpu=True.

@@ -3,6 +3,7 @@
 
     python benchmarks/bench_scaling.py --json benchmarks/results/scaling.json
     python benchmarks/bench_scaling.py --config configs/lora.yaml --steps 12
+    python benchmarks/bench_scaling.py --set ddp_comm_hook=fp16      # train.py overrides for every run
 
 Runs `accelerate launch train.py` on the same config, per-process batch and data: 1 process x 1 thread
 (one core: the unit that data parallelism replicates), 1 process x 2 threads (the default on a 2-core
@@ -51,7 +52,7 @@ def launch_cmd(processes: int, threads: int, args, out: Path) -> list[str]:
     cmd += [str(REPO / "train.py"), "--config", args.config, f"base_model={args.base}", f"max_steps={args.steps}",
             f"logging_steps={args.window}", f"per_device_train_batch_size={args.batch}", f"num_threads={threads}",
             "eval_before_training=false", "eval_strategy=no", "save_steps=0", "report_to=[jsonl]",
-            f"output_dir={out}"]
+            f"output_dir={out}", *args.set]
     return cmd
 
 
@@ -77,6 +78,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--window", type=int, default=4, help="logging window (steps)")
     parser.add_argument("--batch", type=int, default=8, help="per-process batch")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more train.py overrides")
     parser.add_argument("--json", help="write the raw numbers here")
     args = parser.parse_args(argv)
 
@@ -89,6 +91,7 @@ def main(argv=None):
     unit = results["1 process x 1 thread"]["median"]
     header = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.config}, {args.base}, "
               f"per-process batch {args.batch}, {args.steps} steps (windows of {args.window}, first dropped), "
+              f"overrides {args.set or 'none'}, "
               f"1-min load average {os.getloadavg()[0]:.2f} at the end")
     print("# " + header)
     print("| run | tokens/s (median) | windows | vs 1 process x 1 thread |")

@@ -12,7 +12,7 @@ import torch
 
 import moelora
 from moelora.base_models import resolve_base_model
-from tests.training.test_train_cli import SMORA, TINY, train
+from tests.training.test_train_cli import REPO, SMORA, TINY, train
 
 
 def _file(tmp, name, text):
@@ -45,6 +45,9 @@ CLI_CASES = [
     ("unknown built-in task", lambda t: ["data.tasks=[addition]"], "addition"),
     ("response longer than max_length", lambda t: ["data.max_length=8"], "does not fit max_length=8"),
     ("missing DeepSpeed config", lambda t: [f"deepspeed={t}/ds.json"], "config key 'deepspeed': file not found"),
+    ("DDP comm hook under DeepSpeed", lambda t: [f"deepspeed={REPO}/configs/deepspeed/zero2.json", "ddp_comm_hook=fp16"],
+     "config key 'ddp_comm_hook': applies to DDP only"),
+    ("unknown DDP comm hook", lambda t: ["ddp_comm_hook=int8"], "ddp_comm_hook"),
     ("resume path is not a checkpoint", lambda t: [f"resume_from_checkpoint={t}"], "is not a complete training checkpoint"),
     ("resume with no checkpoint", lambda t: ["resume_from_checkpoint=true"], "resume_from_checkpoint: no checkpoint in"),
     ("unwritable output dir", lambda t: [f"output_dir={_file(t, 'a_file', 'x')}/run"], "config key 'output_dir': cannot write to"),

@@ -71,6 +71,7 @@ class RunConfig(StrictConfig):
     gradient_checkpointing: bool = False  # trade compute for activation memory
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate autocast; "no" on CPU
     deepspeed: str | None = None  # path to a DeepSpeed JSON (configs/deepspeed/zero2.json) to run under ZeRO
+    ddp_comm_hook: Literal["none", "fp16", "bf16"] = "none"  # DDP only: all-reduce gradients in 16 bits (half the bytes; not bitwise equal to 1 process)
     num_threads: int = 0  # torch CPU threads per process (0: the machine's cores divided among the processes)
     save_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # precision of the saved adapter
     save_format: Literal["moelora", "peft"] = "moelora"  # final adapter as a PEFT LoRA folder (LoRA only): e.g. an expert
@@ -107,6 +108,9 @@ class RunConfig(StrictConfig):
                 raise self.error("report_to", f"unknown sink '{sink}' (jsonl, tensorboard, none){suggest(sink, ['jsonl', 'tensorboard'])}")
         if self.deepspeed is not None and not Path(self.deepspeed).is_file():
             raise self.error("deepspeed", f"file not found: {self.deepspeed}")
+        if self.deepspeed is not None and self.ddp_comm_hook != "none":
+            raise self.error("ddp_comm_hook", "applies to DDP only; under DeepSpeed set the gradients' "
+                             "communication_data_type in the DeepSpeed JSON instead")
 
     def to_dict(self):
         out = super().to_dict()

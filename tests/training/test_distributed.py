@@ -66,6 +66,19 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
 
 
 @pytest.mark.slow
+def test_fp16_gradient_all_reduce_is_close_to_exact(tmp_path):
+    """ddp_comm_hook=fp16 rounds the all-reduced gradients to fp16: the first loss (before any update) is
+    identical, later ones differ (the hook is active) but stay within 1% of the exact 2-process run."""
+    launch(tmp_path / "exact", 2, "per_device_train_batch_size=2")
+    launch(tmp_path / "fp16", 2, "per_device_train_batch_size=2", "ddp_comm_hook=fp16")
+    exact = [r["loss"] for r in _log(tmp_path / "exact") if "loss" in r]
+    fp16 = [r["loss"] for r in _log(tmp_path / "fp16") if "loss" in r]
+    assert len(exact) == len(fp16) == 4 and fp16[0] == exact[0]
+    assert fp16 != exact
+    assert fp16 == pytest.approx(exact, rel=1e-2)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("zero", [2, 3])
 def test_deepspeed_zero_two_processes(tmp_path, zero):
     """ZeRO-2/3 with 2 CPU processes: same losses as plain data parallel, full (unsharded) adapter tensors
