@@ -7,8 +7,8 @@ forward/backward read like the math -> `rank_activation_triton` (same signature 
 
 Every routing pattern runs as "dense shrink -> route -> dense expand" over all R = E*block ranks:
 at the ranks these methods use the branch is memory-bound, so skipping inactive ranks saves FLOPs
-that do not bind (DESIGN.md). Routing is applied inside the kernels that read H, never materialised
-as an [N, k, ...] gather. Nothing uses atomics: weight gradients are split over tokens into fp32
+that do not bind (DESIGN.md). Routing runs once per token in one kernel that writes the gated H_g
+([N, R] fp32, small) for a plain expand GEMM, never as an [N, k, d] gather. Nothing uses atomics: weight gradients are split over tokens into fp32
 partials that torch sums in a fixed order, so results are bitwise reproducible on one machine.
 
 CPU: set TRITON_INTERPRET=1 *before* importing this module (Triton reads it at decoration time).
@@ -192,7 +192,8 @@ class Tiles:
     num_stages: int = 3
 
 
-# Untuned starting points for Hopper/Ampere (GPU figures are not yet measured: DESIGN.md).
+# Starting points for Hopper/Ampere. A search on an H100 (benchmarks/tune_kernel_tiles.py) found nothing
+# better by more than its noise: the op was launch-bound there (DESIGN.md "Measured").
 GPU_TILES = {
     "shrink": Tiles(128, 64, 64, 4, 4),    # H = x A^T         M=tokens N=ranks K=d_in
     "expand": Tiles(128, 128, 64, 8, 2),   # y = out + sHgB^T  M=tokens N=d_out K=ranks

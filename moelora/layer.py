@@ -160,14 +160,16 @@ class RouterStats:
         """selected: [N, k] expert ids; gates: [N, k] normalised weights; mask: [N] real tokens."""
         if in_backward():
             return
-        if mask is not None:
-            selected, gates = selected[mask], gates[mask]
+        # Weights instead of selected[mask] and bincount: both would make the host wait for a GPU (their
+        # output size depends on the data) in every adapted layer of every forward.
         layer = self.layer
-        layer.stat_load += torch.bincount(selected.flatten(), minlength=self.n_experts).to(layer.stat_load)
+        weight = mask.to(layer.stat_load.dtype) if mask is not None else gates.new_ones(selected.shape[0])
+        weight = weight.to(layer.stat_load.dtype)
+        layer.stat_load.scatter_add_(0, selected.flatten(), weight[:, None].expand(selected.shape).flatten())
         p = gates.float().clamp_min(1e-12)
         p = p / p.sum(-1, keepdim=True)
-        layer.stat_entropy += -(p * p.log()).sum()
-        layer.stat_tokens += selected.shape[0]
+        layer.stat_entropy += (-(p * p.log()).sum(-1) * weight).sum()
+        layer.stat_tokens += weight.sum()
 
     def summary(self) -> dict:
         layer = self.layer

@@ -106,8 +106,9 @@ class MoELoRAModel(nn.Module):
         if not torch.is_tensor(input_ids) or input_ids.numel() == 0:
             return
         vocab = self.base_model.get_input_embeddings().num_embeddings
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= vocab:
+        low, high = torch.aminmax(input_ids)
+        if bool((low < 0) | (high >= vocab)):  # one read by the host per forward (a GPU sync), not two
+            low, high = int(low), int(high)
             raise DataError(f"input_ids holds token id {high if high >= vocab else low}, outside the model's "
                             f"vocabulary of {vocab} (is the tokenizer the base model's own?)")
 

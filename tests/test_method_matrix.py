@@ -7,6 +7,7 @@ the method needs more than token ids (images, audio).
 import json
 import subprocess
 import sys
+from pathlib import Path
 import textwrap
 
 import pytest
@@ -192,3 +193,28 @@ def test_backends_give_same_outputs_and_gradients(method, batch, monkeypatch):
     torch.testing.assert_close(logits_k, logits_t, rtol=1e-4, atol=1e-5)
     for gk, gt in zip(grads_k, grads_t):
         torch.testing.assert_close(gk, gt, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHOD_CASES)
+def test_adapted_layers_never_make_the_host_wait(method, batch):
+    """No op in a training forward+backward (and router update) whose result the host must read (item, bool,
+    equal, bincount, boolean-mask indexing): on a GPU each stalls kernel issue, here once per adapted layer.
+    Only the model's own input checks may, a fixed few per step however many layers are adapted."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from host_ops import HostOpCounter
+
+    from moelora.layer import AdapterLayer
+
+    model = _model(method)
+    model.train()
+    inputs = _batch(method, model, batch)  # right padding: the token-mask paths run too
+    update = getattr(model, "update_router_state", lambda: None)
+    for counting in (False, True):  # a warm-up step first (lazily created state)
+        with HostOpCounter(trace=True) if counting else torch.enable_grad() as counter:
+            model(**inputs, labels=inputs["input_ids"]).loss.backward()
+            update()
+    with HostOpCounter() as base_counter, torch.no_grad():  # what transformers itself reads (padding masks)
+        resolve_base_model("tiny-random-llama")[0](**_base_view(method, model, inputs))
+    assert sum(isinstance(m, AdapterLayer) for m in model.modules()) >= 4  # one sync per layer would show
+    passes = 2 if method == "xlora" else 1  # X-LoRA runs the base model twice per forward
+    assert counter.total_syncs <= passes * (base_counter.total_syncs + 1), dict(counter.where)  # +1: token ids

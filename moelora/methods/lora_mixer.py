@@ -161,15 +161,17 @@ class LoRAMixerLayer(ExpertBankLayer):
         if logits is not None and not self.router_owner:  # a shared router's loss is counted once, by q_proj
             mask = self.context.flat_mask(logits.shape[0])
             logp = torch.log_softmax(logits.float(), dim=-1)
-            if mask is not None:
-                logp = logp[mask]
-            if logp.shape[0]:
-                p = logp.exp()
-                top1 = nn.functional.one_hot(p.argmax(-1), self.n_experts).to(p.dtype).mean(0)  # fbar: no gradient
-                terms["balance"] = self.n_experts * (p.mean(0) * top1).sum()
-                terms["entropy"] = -(p * logp).sum(-1).mean()
-                lam = -cfg.entropy_coef if cfg.entropy_sign_as_printed else cfg.entropy_coef
-                loss = cfg.balance_coef * terms["balance"] + lam * terms["entropy"]
+            p = logp.exp()
+            # Means over the real tokens as weighted sums (not logp[mask] and one_hot, which make the host
+            # wait for a GPU in every layer); a batch of padding only gives zero terms.
+            w = mask.to(p.dtype) if mask is not None else p.new_ones(p.shape[0])
+            n = w.sum().clamp_min(1.0)
+            experts = torch.arange(self.n_experts, device=p.device)
+            top1 = ((p.argmax(-1, keepdim=True) == experts).to(p.dtype) * w[:, None]).sum(0) / n  # fbar: no grad
+            terms["balance"] = self.n_experts * ((p * w[:, None]).sum(0) / n * top1).sum()
+            terms["entropy"] = (-(p * logp).sum(-1) * w).sum() / n
+            lam = -cfg.entropy_coef if cfg.entropy_sign_as_printed else cfg.entropy_coef
+            loss = cfg.balance_coef * terms["balance"] + lam * terms["entropy"]
         if cfg.preserve_coef > 0 and self.lora_A.requires_grad:
             terms["preserve"] = ((self.lora_A - self.anchor_A).pow(2).sum() + (self.lora_B - self.anchor_B).pow(2).sum())
             pres = cfg.preserve_coef * terms["preserve"].float()

@@ -99,10 +99,9 @@ class ModalityLoRAModel(MultimodalLoRAModel):
         """[batch] block per sample: 0 vision (any image, with or without audio), 1 speech, -1 text."""
         has_image = (media_mask == 1).any(1)
         has_audio = (media_mask == 2).any(1)
-        modes = torch.full_like(has_image, -1, dtype=torch.long)
-        modes[has_audio] = MODALITIES.index("speech")
-        modes[has_image] = MODALITIES.index("vision")
-        return modes
+        none = torch.full_like(has_image, -1, dtype=torch.long)
+        speech = torch.where(has_audio, MODALITIES.index("speech"), none)
+        return torch.where(has_image, MODALITIES.index("vision"), speech)  # where, not masked writes: no host sync
 
     def _labels(self, media_mask, sample_labels):
         if sample_labels is not None or media_mask is None or not self.media_enabled:

@@ -95,9 +95,10 @@ class SMoRALayer(AdapterLayer):
         if in_backward():  # checkpoint recomputation: this forward was already counted
             return
         mask = self.context.flat_mask(selected.shape[0])
-        if self.training:
-            real = selected if mask is None else selected[mask]
-            self.pending_counts += torch.bincount(real.flatten(), minlength=self.config.r).to(self.pending_counts)
+        if self.training:  # padding counts 0; scatter_add, not bincount of selected[mask]: no host sync on a GPU
+            weight = selected.new_ones(selected.shape, dtype=self.pending_counts.dtype) if mask is None else \
+                mask[:, None].expand(selected.shape).to(self.pending_counts.dtype)
+            self.pending_counts.scatter_add_(0, selected.flatten(), weight.flatten())
         if self.track_stats:
             self.router_stats.record(selected, gates, mask)
 
@@ -107,8 +108,10 @@ class SMoRALayer(AdapterLayer):
 
     @torch.no_grad()
     def apply_step(self, counts):
-        if counts.sum() > 0:  # a step that routed no token carries no load signal
-            self.bias += self.config.bias_update_rate * torch.sign(counts.mean() - counts)
+        # A step that routed no token carries no load signal: multiply by (sum > 0) rather than branch on
+        # it, which would stop the host for the GPU in every layer.
+        routed = (counts.sum() > 0).to(self.bias.dtype)
+        self.bias += self.config.bias_update_rate * torch.sign(counts.mean() - counts) * routed
         self.pending_counts.zero_()
 
     def stats(self):

@@ -145,7 +145,8 @@ class XLoRALayer(ExpertBankLayer):
         mask = self.context.flat_mask(lam.shape[0])
         selected = lam.argmax(-1, keepdim=True) if idx is None else idx
         self.router_stats.record(selected, vals.abs() if idx is not None else lam.abs(), mask)
-        self.stat_gate_sum += (lam if mask is None else lam[mask]).float().sum(0)
+        lam = lam.float()
+        self.stat_gate_sum += (lam.sum(0) if mask is None else (lam * mask[:, None].to(lam.dtype)).sum(0))  # no lam[mask]: a GPU sync
 
     def stats(self):
         out = self.router_stats.summary()

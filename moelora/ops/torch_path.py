@@ -53,16 +53,17 @@ def gate_ranks(
     if idx_a is None or idx_b is None:
         raise ValueError("rank_activation: give both idx_a and idx_b, or neither (dense routing)")
 
-    valid = idx_a >= 0
-    if not bool(valid.all()):
-        # "No block" slots: point them at block 0 with a zero gate so shapes stay rectangular.
-        gates = gates * valid.to(gates.dtype)
-        idx_a = idx_a.clamp(min=0)
-        idx_b = idx_b.clamp(min=0)
+    # Decided without reading the indices on the host (on a GPU that would be a sync per adapted layer):
+    # equal index tensors are recognised by identity (equal but distinct ones take the general path, also
+    # exact), and "no block" slots (-1) point at block 0 with a zero gate, whether or not there are any.
+    same = idx_a is idx_b
+    gates = gates * (idx_a >= 0).to(gates.dtype)
+    idx_a = idx_a.clamp(min=0)
+    idx_b = idx_a if same else idx_b.clamp(min=0)
 
     ranks_b = _rank_index(idx_b, block)                                   # [N, k*block]
     per_rank_gate = gates if block == 1 else gates.repeat_interleave(block, dim=-1)
-    if idx_a is idx_b or torch.equal(idx_a, idx_b):
+    if same:
         # Shared A/B selection: the gate is a sparse per-rank mask on H's columns.
         mask = h.new_zeros(n, r).scatter_add(1, ranks_b, per_rank_gate)
         return h * mask

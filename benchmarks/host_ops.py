@@ -1,0 +1,123 @@
+"""Count what a training step asks of the host: aten ops dispatched, and the ones that would wait for a GPU.
+
+    python benchmarks/host_ops.py                                # every case, SmolLM2-135M shape, 1 x 64 tokens
+    python benchmarks/host_ops.py --cases smora64_8 peft_lora64 --base tiny-random-llama
+
+On a GPU a small model's step is bound by the host issuing kernels (benchmarks/RESULTS.md §5), and worse
+still by host syncs: an op whose result the host must read (`.item()`, `bool(t)`, `torch.equal`, boolean-mask
+indexing, `bincount`, `nonzero`) stops the host until the GPU has drained its queue, so launches stop
+overlapping the GPU's work. Both can be counted on a CPU, where nothing is timed: a TorchDispatchMode sees every
+aten op of the forward, backward and optimizer step. `HostOpCounter` is also what the tests use to keep the
+adapter layers free of syncs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+# Ops that make the host wait for the device: a scalar read, or an output whose size depends on the data.
+SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.equal, aten.bincount, aten.masked_select, aten.unique_dim,
+            aten._unique2, aten.unique_consecutive, aten.nonzero_static}
+
+
+def _bool_index(args) -> bool:
+    """x[mask] / x[mask] = v: a boolean index is turned into positions with nonzero (a sync on a GPU)."""
+    indices = args[1] if len(args) > 1 else ()
+    return any(t is not None and torch.is_tensor(t) and t.dtype == torch.bool for t in indices)
+
+
+class HostOpCounter(TorchDispatchMode):
+    """Counts aten ops and host syncs (by op name) while active. Where a sync comes from: `where[name]`
+    holds the innermost moelora/benchmark source line of the first few occurrences."""
+
+    def __init__(self, trace: bool = False):
+        super().__init__()
+        self.ops = 0
+        self.syncs: collections.Counter = collections.Counter()
+        self.where: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.trace = trace
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        packet = func.overloadpacket
+        if packet in SYNC_OPS or (packet in (aten.index, aten.index_put, aten.index_put_) and _bool_index(args)):
+            name = str(packet).replace("aten.", "")
+            self.syncs[name] += 1
+            if self.trace:
+                self.where[name][_caller()] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total_syncs(self) -> int:
+        return sum(self.syncs.values())
+
+
+def _caller() -> str:
+    import traceback
+
+    for frame in reversed(traceback.extract_stack()[:-3]):
+        name = frame.filename
+        if "/torch/" in name or name.endswith("host_ops.py"):  # the innermost caller outside torch
+            continue
+        return f"{Path(name).name}:{frame.lineno}"
+    return "?"
+
+
+def main(argv=None):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from cases import CASES, build_case, make_batch, peft_xlora_head, trainable
+    import tempfile
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", default="random-smollm2-135m")
+    p.add_argument("--cases", nargs="*", default=[n for n in CASES if n != "base"], choices=list(CASES))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--trace", action="store_true", help="print where each kind of sync comes from")
+    args = p.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="host-ops-"))
+    names = sorted(args.cases, key=lambda n: n != "peft_xlora")
+    head = None
+    print(f"# {args.base}, batch {args.batch} x seq {args.seq}: the forward and backward of one training step, "
+          "after one warm-up step (the optimizer step is left out: its scalar reads are of CPU tensors)")
+    print("| case | peer | aten ops | ops vs peer | host syncs | syncs by op |")
+    print("|---|---|---:|---:|---:|---|")
+    counts = {}
+    for name in names:
+        model = build_case(name, args.base, workdir, head)
+        if name == "peft_xlora":
+            head = peft_xlora_head(model)
+        batch = make_batch(name, model.get_input_embeddings().num_embeddings, args.batch, args.seq,
+                           torch.Generator().manual_seed(0), getattr(model, "media_tokens", None))
+        model.train()
+        optimizer = torch.optim.AdamW(trainable(model), lr=1e-4)
+        update = getattr(model, "update_router_state", None)
+        for counting in (False, True):  # a warm-up step, then the counted one
+            optimizer.zero_grad(set_to_none=True)
+            with HostOpCounter(trace=args.trace) if counting else torch.enable_grad() as counter:
+                model(**batch, labels=batch["input_ids"]).loss.backward()
+            optimizer.step()
+            if update is not None:
+                update()
+        counts[name] = counter
+        peer = CASES[name].peer
+        ratio = f"{counter.ops / counts[peer].ops:.2f}x" if peer in counts else "–"
+        print(f"| {name} | {peer or '–'} | {counter.ops} | {ratio} | {counter.total_syncs} | "
+              f"{dict(counter.syncs.most_common())} |", flush=True)
+        if args.trace:
+            for op, where in counter.where.items():
+                print(f"    {op}: {dict(where.most_common(6))}")
+
+
+if __name__ == "__main__":
+    main()
