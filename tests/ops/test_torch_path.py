@@ -70,3 +70,18 @@ def test_backend_env_is_validated(monkeypatch):
     x, a, b, ia, ib, gates, block = _case()
     with pytest.raises(ValueError, match="MOELORA_BACKEND"):
         rank_activation(x, a, b, ia, ib, gates, 1.0, block)
+
+
+def test_auto_backend_is_the_torch_path_even_for_gpu_tensors(monkeypatch):
+    """auto takes the path measured faster end to end: torch, on GPUs too (benchmarks/RESULTS.md §5); the
+    Triton kernel only when asked for. A stand-in for a CUDA tensor, with a Triton op available."""
+    import types
+
+    import moelora.ops as ops
+
+    monkeypatch.setattr(ops, "_triton_op", lambda: (lambda *args, **kw: None))
+    gpu_tensor = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    monkeypatch.delenv("MOELORA_BACKEND", raising=False)
+    assert ops.backend_for(gpu_tensor) == "torch"
+    monkeypatch.setenv("MOELORA_BACKEND", "triton")
+    assert ops.backend_for(gpu_tensor) == "triton"
