@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from cases import CASES, DTYPES, build_case, make_batch, peft_xlora_head, sync  # noqa: E402
+from cases import CASES, DTYPES, add_device_args, build_case, make_batch, machine, peft_xlora_head, sync  # noqa: E402
 
 GEN_CASES = list(CASES)
 
@@ -45,8 +44,7 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--peft-xlora-runs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda (our methods then run the Triton kernels)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="of the base and the adapters")
+    add_device_args(parser)
     parser.add_argument("--workdir", default=None, help="X-LoRA expert folders (default: a temp dir)")
     parser.add_argument("--json", help="write the raw numbers here")
     args = parser.parse_args(argv)
@@ -82,9 +80,7 @@ def main(argv=None):
             sync(args.device)
             times[name].append(time.perf_counter() - t0)
 
-    where = (torch.cuda.get_device_name() if torch.device(args.device).type == "cuda"
-             else f"{platform.processor() or platform.machine()}, {args.threads} threads")
-    header = (f"{where}, torch {torch.__version__}, {args.dtype}, {args.base}, batch 1, prompt {args.prompt_len}, {n_new} new tokens, greedy, KV cache on (PEFT X-LoRA: "
+    header = (f"{machine(args)}, torch {torch.__version__}, {args.dtype}, {args.base}, batch 1, prompt {args.prompt_len}, {n_new} new tokens, greedy, KV cache on (PEFT X-LoRA: "
               f"off, forced by PEFT), median of {args.runs} ({args.peft_xlora_runs} for PEFT X-LoRA), "
               f"1-min load average {os.getloadavg()[0]:.2f} at the end")
     print("# " + header)

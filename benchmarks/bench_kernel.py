@@ -59,6 +59,14 @@ def make_inputs(pattern, n, d, dtype, device, seq_len=1024):
                 gates=torch.rand(n, k, device=device))
 
 
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """The op's shape and patterns, shared by bench_kernel, profile_kernel and tune_kernel_tiles."""
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--d", type=int, default=4096, help="d_in = d_out of the adapted linear")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--patterns", nargs="+", choices=list(PATTERNS), default=list(PATTERNS))
+
+
 def adapter_cost(pattern, n, d, elt):
     """(fwd FLOPs, fwd bytes, fwd+bwd FLOPs, fwd+bwd bytes) of the adapter branch alone.
 
@@ -133,10 +141,7 @@ def print_table(rows, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--d", type=int, default=4096, help="d_in = d_out of the adapted linear")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    p.add_argument("--patterns", nargs="+", choices=list(PATTERNS), default=list(PATTERNS))
+    add_shape_args(p)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak of --dtype (H100 SXM bf16: 989)")
     p.add_argument("--peak-tbps", type=float, default=3.35, help="memory bandwidth in TB/s (H100 SXM: 3.35)")
     p.add_argument("--rep-ms", type=int, default=200, help="timing budget per measurement (triton do_bench)")

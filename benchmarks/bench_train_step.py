@@ -24,7 +24,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from cases import CASES, DTYPES, build_case, make_batch, peft_xlora_head, sync, trainable  # noqa: E402
+from cases import (CASES, DTYPES, add_device_args, build_case, make_batch, machine, peft_xlora_head,  # noqa: E402
+                   sync, trainable)
 
 TRAIN_CASES = [n for n in CASES if n != "base"]
 
@@ -122,8 +122,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda (our methods then run the Triton kernels)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="of the base and the adapters")
+    add_device_args(parser)
     parser.add_argument("--backends", nargs="+", choices=["torch", "triton"],
                         help="time our methods on each of these op backends (rows NAME@BACKEND) instead of "
                              "MOELORA_BACKEND's choice; triton needs a GPU")
@@ -176,9 +175,7 @@ def main(argv=None):
         gc.collect()
 
     tokens = args.batch * args.seq
-    where = (torch.cuda.get_device_name() if torch.device(args.device).type == "cuda"
-             else f"{platform.processor() or platform.machine()}, {args.threads} threads")
-    header = (f"{where}, torch {torch.__version__}, {args.dtype}, "
+    header = (f"{machine(args)}, torch {torch.__version__}, {args.dtype}, "
               f"{args.base}, batch {args.batch} x seq {args.seq}, median of {args.steps} after {args.warmup} warm-up, "
               f"1-min load average {os.getloadavg()[0]:.2f} at the end")
     print("# " + header)

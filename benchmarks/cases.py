@@ -75,6 +75,21 @@ def load_base(base_name: str):
     return resolve_base_model(base_name)[0]
 
 
+def add_device_args(parser) -> None:
+    """--device and --dtype, shared by the train-step and generation benchmarks."""
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (our methods then run the Triton kernels)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="of the base and the adapters")
+
+
+def machine(args) -> str:
+    """What a result header names as the machine: the GPU, or the CPU and its thread count."""
+    import platform
+
+    if torch.device(args.device).type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {args.threads} threads"
+
+
 def sync(device: str) -> None:
     """Wait for queued GPU work, so wall-clock times cover it."""
     if torch.device(device).type == "cuda":

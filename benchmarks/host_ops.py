@@ -7,7 +7,7 @@ On a GPU a small model's step is bound by the host issuing kernels (benchmarks/R
 still by host syncs: an op whose result the host must read (`.item()`, `bool(t)`, `torch.equal`, boolean-mask
 indexing, `bincount`, `nonzero`) stops the host until the GPU has drained its queue, so launches stop
 overlapping the GPU's work. Both can be counted on a CPU, where nothing is timed: a TorchDispatchMode sees every
-aten op of the forward, backward and optimizer step. `HostOpCounter` is also what the tests use to keep the
+aten op of the forward and backward. `HostOpCounter` is also what the tests use to keep the
 adapter layers free of syncs.
 """
 
@@ -36,8 +36,8 @@ def _bool_index(args) -> bool:
 
 
 class HostOpCounter(TorchDispatchMode):
-    """Counts aten ops and host syncs (by op name) while active. Where a sync comes from: `where[name]`
-    holds the innermost moelora/benchmark source line of the first few occurrences."""
+    """Counts aten ops and host syncs (by op name) while active. With trace=True, `where[name]` counts the
+    source lines outside torch that issued each kind of sync."""
 
     def __init__(self, trace: bool = False):
         super().__init__()
@@ -75,8 +75,9 @@ def _caller() -> str:
 def main(argv=None):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from cases import CASES, build_case, make_batch, peft_xlora_head, trainable
     import tempfile
+
+    from cases import CASES, build_case, make_batch, peft_xlora_head, trainable
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default="random-smollm2-135m")

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernel import DTYPES, PATTERNS, make_inputs  # noqa: E402
+from bench_kernel import DTYPES, PATTERNS, add_shape_args, make_inputs  # noqa: E402
 
 
 def profile(step, iters: int):
@@ -47,10 +47,7 @@ def profile(step, iters: int):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--d", type=int, default=4096)
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    p.add_argument("--patterns", nargs="+", choices=list(PATTERNS), default=list(PATTERNS))
+    add_shape_args(p)
     p.add_argument("--iters", type=int, default=20)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

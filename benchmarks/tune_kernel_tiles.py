@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernel import DTYPES, PATTERNS, bench, make_inputs  # noqa: E402
+from bench_kernel import DTYPES, PATTERNS, add_shape_args, bench, make_inputs  # noqa: E402
 
 # (block_m, block_n, block_k, num_warps, num_stages); every tl.dot dimension >= 16.
 CANDIDATES = {
@@ -59,10 +59,7 @@ def total_ms(args, ra, inputs) -> float:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--d", type=int, default=4096)
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    p.add_argument("--patterns", nargs="+", choices=list(PATTERNS), default=list(PATTERNS))
+    add_shape_args(p)
     p.add_argument("--rounds", type=int, default=1, help="passes over all launches")
     p.add_argument("--rep-ms", type=int, default=40)
     p.add_argument("--json", help="write the chosen tiles and every timing here")

@@ -145,6 +145,18 @@ class AdapterLayer(nn.Module):
         return self.base_layer
 
 
+@torch.no_grad()
+def count_selections(counts: torch.Tensor, selected: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Add one to `counts[e]` for every slot of a real token (mask [N], None: all real) that selected expert e
+    (selected [N, k]); returns the per-token weights [N] (1 real, 0 padding) in counts' dtype.
+
+    scatter_add with weights, not bincount of selected[mask]: both of those make the host wait for a GPU
+    (their output size depends on the data), and this runs in every adapted layer of every forward."""
+    weight = (mask if mask is not None else selected.new_ones(selected.shape[0])).to(counts.dtype)
+    counts.scatter_add_(0, selected.flatten(), weight[:, None].expand(selected.shape).flatten())
+    return weight
+
+
 class RouterStats:
     """Running load counts and gate entropy of one router, accumulated without gradients."""
 
@@ -160,12 +172,8 @@ class RouterStats:
         """selected: [N, k] expert ids; gates: [N, k] normalised weights; mask: [N] real tokens."""
         if in_backward():
             return
-        # Weights instead of selected[mask] and bincount: both would make the host wait for a GPU (their
-        # output size depends on the data) in every adapted layer of every forward.
         layer = self.layer
-        weight = mask.to(layer.stat_load.dtype) if mask is not None else gates.new_ones(selected.shape[0])
-        weight = weight.to(layer.stat_load.dtype)
-        layer.stat_load.scatter_add_(0, selected.flatten(), weight[:, None].expand(selected.shape).flatten())
+        weight = count_selections(layer.stat_load, selected, mask)
         p = gates.float().clamp_min(1e-12)
         p = p / p.sum(-1, keepdim=True)
         layer.stat_entropy += (-(p * p.log()).sum(-1) * weight).sum()

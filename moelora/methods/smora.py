@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..config import MethodConfig
-from ..layer import AdapterLayer, RouterStats, in_backward, kaiming_uniform_
+from ..layer import AdapterLayer, RouterStats, count_selections, in_backward, kaiming_uniform_
 from ..ops import rank_activation
 from ..registry import register_method
 
@@ -95,10 +95,8 @@ class SMoRALayer(AdapterLayer):
         if in_backward():  # checkpoint recomputation: this forward was already counted
             return
         mask = self.context.flat_mask(selected.shape[0])
-        if self.training:  # padding counts 0; scatter_add, not bincount of selected[mask]: no host sync on a GPU
-            weight = selected.new_ones(selected.shape, dtype=self.pending_counts.dtype) if mask is None else \
-                mask[:, None].expand(selected.shape).to(self.pending_counts.dtype)
-            self.pending_counts.scatter_add_(0, selected.flatten(), weight.flatten())
+        if self.training:  # padding counts 0
+            count_selections(self.pending_counts, selected, mask)
         if self.track_stats:
             self.router_stats.record(selected, gates, mask)
 
