@@ -152,7 +152,12 @@ def count_selections(counts: torch.Tensor, selected: torch.Tensor, mask: torch.T
 
     scatter_add with weights, not bincount of selected[mask]: both of those make the host wait for a GPU
     (their output size depends on the data), and this runs in every adapted layer of every forward."""
-    weight = (mask if mask is not None else selected.new_ones(selected.shape[0])).to(counts.dtype)
+    # As few ops as possible: this is the hot path whose op count benchmarks/host_ops.py tracks.
+    if mask is None:
+        ones = torch.ones(selected.shape, dtype=counts.dtype, device=counts.device)
+        counts.scatter_add_(0, selected.flatten(), ones.flatten())
+        return ones[:, 0]
+    weight = mask.to(counts.dtype)
     counts.scatter_add_(0, selected.flatten(), weight[:, None].expand(selected.shape).flatten())
     return weight
 
