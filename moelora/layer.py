@@ -118,14 +118,25 @@ class AdapterLayer(nn.Module):
 
     def stats(self) -> dict | None:
         """Router utilisation since the last reset, or None for methods without a router."""
-        return None
+        router = getattr(self, "router_stats", None)
+        return router.summary() if router is not None else None
 
     def reset_stats(self) -> None:
-        pass
+        router = getattr(self, "router_stats", None)
+        if router is not None:
+            router.reset()
+
+    def record_routing(self, selected: torch.Tensor, gates: torch.Tensor) -> None:
+        """Add this forward's choice (selected [N, k] ids, gates [N, k]) to the router statistics, counting real
+        tokens only (`RouterStats.record` skips gradient-checkpoint recomputation)."""
+        if self.track_stats:
+            self.router_stats.record(selected, gates, self.context.flat_mask(selected.shape[0]))
 
     def delta_weight(self) -> torch.Tensor:
         """The constant ΔW [d_out, d_in] for mergeable methods."""
         raise NotImplementedError
+    # Layers with a router keep a `RouterStats` as `self.router_stats`; these defaults report and reset it,
+    # so a method only overrides them to add statistics of its own (and calls these for the rest).
 
     def merge(self) -> nn.Module:
         """Fold the update into the base weight and return the plain base layer."""

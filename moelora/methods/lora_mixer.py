@@ -41,6 +41,7 @@ from ..experts import ExpertBankLayer, ExpertBankModel, ExpertsConfig
 from ..layer import RouterStats, in_backward
 from ..ops import rank_activation
 from ..registry import register_method
+from ..routing import balance_loss, mean_entropy, per_token, top_k_gates, token_weights
 
 QKV = ("q_proj", "k_proj", "v_proj")  # read the same input: one router can serve all three
 _TERMS = ("balance", "entropy", "preserve")
@@ -120,7 +121,7 @@ class LoRAMixerLayer(ExpertBankLayer):
         labels = self._token_labels(x.shape[0]) if cfg.stage == "joint_stage1" else None
         if labels is not None:  # stage 1: exactly the labelled expert, gate 1 (times its own scaling)
             idx = labels[:, None]
-            self._record(idx, torch.ones_like(idx, dtype=x.dtype))
+            self.record_routing(idx, torch.ones_like(idx, dtype=x.dtype))
             self._add_losses(None)
             return rank_activation(x, self.lora_A, self.lora_B, idx, idx, scaling[idx], 1.0, self.block, out=out)
         n_rows = self.lora_A.shape[0]
@@ -129,14 +130,12 @@ class LoRAMixerLayer(ExpertBankLayer):
         probs = torch.softmax(logits, dim=-1)
         k = min(cfg.top_k, self.n_experts)
         if self.training or k in (0, self.n_experts):  # soft mixture (top-E renormalised is the same thing)
-            self._record(probs.argmax(-1, keepdim=True), probs)
+            self.record_routing(probs.argmax(-1, keepdim=True), probs)
             self._add_losses(logits)
             return rank_activation(x, self.lora_A, self.lora_B, None, None, probs * scaling, 1.0, self.block,
                                    h=h, out=out)
-        top, idx = probs.topk(k, dim=-1)
-        if cfg.renormalize_top_k:
-            top = top / top.sum(-1, keepdim=True)
-        self._record(idx, top)
+        idx, top = top_k_gates(probs, k, "renormalize" if cfg.renormalize_top_k else "raw")
+        self.record_routing(idx, top)
         return rank_activation(x, self.lora_A, self.lora_B, idx, idx, top * scaling[idx], 1.0, self.block,
                                h=h, out=out)
 
@@ -147,10 +146,7 @@ class LoRAMixerLayer(ExpertBankLayer):
                 raise MoeloraError("LoRA-Mixer stage joint_stage1 routes by task label, but this batch carries no "
                                    "sample_labels (train.py passes them; or call model(..., sample_labels=ids))")
             return None  # inference without labels: the (soft/top-K) router decides
-        if n_tokens % labels.shape[0]:
-            raise MoeloraError(f"sample_labels has {labels.shape[0]} entries, which does not divide the "
-                               f"{n_tokens} tokens of this batch (one label per sequence)")
-        return labels.to(self.lora_A.device).repeat_interleave(n_tokens // labels.shape[0])
+        return per_token(labels.to(self.lora_A.device), n_tokens, "sample_labels")
 
     # --- router loss (SBL/RSL) and preservation ---------------------------------------------------------
     def _add_losses(self, logits: torch.Tensor | None) -> None:
@@ -159,17 +155,10 @@ class LoRAMixerLayer(ExpertBankLayer):
         cfg = self.config
         terms, loss = {}, None
         if logits is not None and not self.router_owner:  # a shared router's loss is counted once, by q_proj
-            mask = self.context.flat_mask(logits.shape[0])
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            p = logp.exp()
-            # Means over the real tokens as weighted sums (not logp[mask] and one_hot, which make the host
-            # wait for a GPU in every layer); a batch of padding only gives zero terms.
-            w = mask.to(p.dtype) if mask is not None else p.new_ones(p.shape[0])
-            n = w.sum().clamp_min(1.0)
-            experts = torch.arange(self.n_experts, device=p.device)
-            top1 = ((p.argmax(-1, keepdim=True) == experts).to(p.dtype) * w[:, None]).sum(0) / n  # fbar: no grad
-            terms["balance"] = self.n_experts * ((p * w[:, None]).sum(0) / n * top1).sum()
-            terms["entropy"] = (-(p * logp).sum(-1) * w).sum() / n
+            # Means over the real tokens (a batch of padding only gives zero terms); fbar is top-1 usage.
+            w = token_weights(self.context.flat_mask(logits.shape[0]), logits.shape[0], logits)
+            terms["balance"] = balance_loss(torch.softmax(logits.float(), dim=-1), w)
+            terms["entropy"] = mean_entropy(logits, w)
             lam = -cfg.entropy_coef if cfg.entropy_sign_as_printed else cfg.entropy_coef
             loss = cfg.balance_coef * terms["balance"] + lam * terms["entropy"]
         if cfg.preserve_coef > 0 and self.lora_A.requires_grad:
@@ -187,13 +176,8 @@ class LoRAMixerLayer(ExpertBankLayer):
                     self.stat_terms[i, 0] += terms[name].detach().float()
                     self.stat_terms[i, 1] += 1
 
-    @torch.no_grad()
-    def _record(self, selected, gates):
-        if self.track_stats:
-            self.router_stats.record(selected, gates, self.context.flat_mask(selected.shape[0]))
-
     def stats(self):
-        out = self.router_stats.summary()
+        out = super().stats()
         terms = {name: float(self.stat_terms[i, 0] / self.stat_terms[i, 1])
                  for i, name in enumerate(_TERMS) if self.stat_terms[i, 1] > 0}
         if terms:
@@ -201,7 +185,7 @@ class LoRAMixerLayer(ExpertBankLayer):
         return out
 
     def reset_stats(self):
-        self.router_stats.reset()
+        super().reset_stats()
         self.stat_terms.zero_()
 
 

@@ -41,6 +41,7 @@ from ..errors import MoeloraError
 from ..layer import AdapterLayer, RouterStats, in_backward, kaiming_uniform_
 from ..ops import rank_activation
 from ..registry import register_method
+from ..routing import per_token
 
 
 @dataclasses.dataclass
@@ -155,16 +156,9 @@ class MixLoRALayer(AdapterLayer):
                 self._kept = (ctx.forward_id, idx_a.detach(), idx_b.detach()) if ctx.generating else None
                 if self.track_stats:
                     self.router_stats.record(idx_a, top_a.detach(), None)
-        per_token = n // n_seq  # every token of a sequence uses its sequence's factors
-        return rank_activation(x, self.lora_A, self.lora_B, idx_a.repeat_interleave(per_token, 0),
-                               idx_b.repeat_interleave(per_token, 0), gates.repeat_interleave(per_token, 0),
-                               self.scaling, out=out)
-
-    def stats(self):
-        return self.router_stats.summary()
-
-    def reset_stats(self):
-        self.router_stats.reset()
+        # Every token of a sequence uses its sequence's factors.
+        return rank_activation(x, self.lora_A, self.lora_B, per_token(idx_a, n), per_token(idx_b, n),
+                               per_token(gates, n), self.scaling, out=out)
 
 
 register_method("mixlora", MixLoRAConfig, MixLoRALayer)

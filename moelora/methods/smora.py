@@ -29,6 +29,7 @@ from ..config import MethodConfig
 from ..layer import AdapterLayer, RouterStats, count_selections, in_backward, kaiming_uniform_
 from ..ops import rank_activation
 from ..registry import register_method
+from ..routing import top_k_gates
 
 
 @dataclasses.dataclass
@@ -67,19 +68,11 @@ class SMoRALayer(AdapterLayer):
         self.scaling = config.alpha / config.k
 
     def route(self, logits: torch.Tensor):
-        """(selected rank ids [N, k], normalised gates [N, k]) from router logits [N, R]."""
+        """(selected rank ids [N, k], normalised gates [N, k]) from router logits [N, R], in fp32."""
         cfg = self.config
-        bias = self.bias.to(logits.dtype)
         if cfg.gate_fn == "sigmoid_norm":
-            scores = torch.sigmoid(logits)
-            biased = scores + bias
-            top, selected = biased.topk(cfg.k, dim=-1)
-            values = top if cfg.bias_in_gate else scores.gather(1, selected)
-            return selected, values / values.sum(-1, keepdim=True)
-        biased = logits + bias
-        top, selected = biased.topk(cfg.k, dim=-1)
-        values = top if cfg.bias_in_gate else logits.gather(1, selected)
-        return selected, torch.softmax(values, dim=-1)
+            return top_k_gates(torch.sigmoid(logits.float()), cfg.k, "renormalize", self.bias, cfg.bias_in_gate)
+        return top_k_gates(logits.float(), cfg.k, "softmax", self.bias, cfg.bias_in_gate)
 
     def update(self, x, out):
         r = self.config.r
@@ -111,12 +104,6 @@ class SMoRALayer(AdapterLayer):
         routed = (counts.sum() > 0).to(self.bias.dtype)
         self.bias += self.config.bias_update_rate * torch.sign(counts.mean() - counts) * routed
         self.pending_counts.zero_()
-
-    def stats(self):
-        return self.router_stats.summary()
-
-    def reset_stats(self):
-        self.router_stats.reset()
 
 
 register_method("smora", SMoRAConfig, SMoRALayer)

@@ -31,6 +31,7 @@ from ..experts import ExpertBankLayer, ExpertBankModel, ExpertsConfig
 from ..layer import RouterStats, in_backward
 from ..ops import rank_activation
 from ..registry import register_method
+from ..routing import top_k_gates
 
 
 @dataclasses.dataclass
@@ -134,9 +135,8 @@ class XLoRALayer(ExpertBankLayer):
         k = cfg.top_k_lora
         if k is None or k >= self.n_experts:
             return None, (torch.softmax(lam, dim=-1) if cfg.enable_softmax_topk else lam)
-        vals, idx = lam.topk(k, dim=-1)
         # An explicit index mask (PEFT masks by "value != 0", which drops a kept scaling that is exactly 0).
-        return idx, (torch.softmax(vals, dim=-1) if cfg.enable_softmax_topk else vals)
+        return top_k_gates(lam, k, "softmax" if cfg.enable_softmax_topk else "raw")
 
     @torch.no_grad()
     def _record(self, lam, idx, vals):
@@ -149,13 +149,13 @@ class XLoRALayer(ExpertBankLayer):
         self.stat_gate_sum += (lam.sum(0) if mask is None else (lam * mask[:, None].to(lam.dtype)).sum(0))  # no lam[mask]: a GPU sync
 
     def stats(self):
-        out = self.router_stats.summary()
+        out = super().stats()
         tokens = out["tokens"]
         out["mean_scaling"] = [round(float(v) / tokens, 6) for v in self.stat_gate_sum] if tokens else []
         return out
 
     def reset_stats(self):
-        self.router_stats.reset()
+        super().reset_stats()
         self.stat_gate_sum.zero_()
 
 
