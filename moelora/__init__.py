@@ -8,13 +8,14 @@
 __version__ = "0.1.0"
 
 from .errors import BaseModelError, CheckpointError, ConfigError, DataError, MoeloraError  # noqa: E402
-from .methods import LoRAConfig, LoRAMixerConfig, MixLoRAConfig, ModalityLoRAConfig, SMoRAConfig, XLoRAConfig  # noqa: E402
+from . import methods as _methods  # noqa: E402  (imports and registers every method module)
+from .methods import *  # noqa: E402,F401,F403  (each method's config, layer and model classes, e.g. SMoRAConfig)
 from .model import MoELoRAModel, get_moelora_model, load  # noqa: E402
 from .ops import rank_activation  # noqa: E402
 from .registry import METHODS, config_from_dict, get_method, register_method  # noqa: E402
 
 __all__ = [
     "__version__", "MoeloraError", "ConfigError", "DataError", "CheckpointError", "BaseModelError",
-    "LoRAConfig", "LoRAMixerConfig", "MixLoRAConfig", "ModalityLoRAConfig", "SMoRAConfig", "XLoRAConfig", "MoELoRAModel", "get_moelora_model", "load", "rank_activation",
-    "METHODS", "config_from_dict", "get_method", "register_method",
+    "MoELoRAModel", "get_moelora_model", "load", "rank_activation",
+    "METHODS", "config_from_dict", "get_method", "register_method", *_methods.__all__,
 ]

@@ -1,7 +1,7 @@
 """The shared matrix: every registered method through the same save/load/train/config invariants.
 
-Adding a method = one row in METHOD_CASES (a small config for the tiny models), plus one in ROW_INPUTS if
-the method needs more than token ids (images, audio).
+The rows (one small config per method, and the inputs of rows that need more than token ids) live in
+`tests/method_cases.py`, which every test that loops over the methods reads.
 """
 
 import json
@@ -14,30 +14,12 @@ import pytest
 import torch
 
 import moelora
-from moelora.base_models import build_tiny_tokenizer, resolve_base_model
+from moelora.base_models import resolve_base_model
 from tests.conftest import randomize_adapters
-from tests.multimodal_batches import base_inputs, mixed_batch
+from tests.method_cases import METHOD_CASES, ROW_INPUTS  # noqa: F401  (ROW_INPUTS: also read by gpu_checks)
 
-METHOD_CASES = {
-    "lora": {"r": 4, "alpha": 8},
-    "smora": {"r": 8, "k": 2, "alpha": 4},
-    "mixlora": {"num_factors": 6, "r": 2, "alpha": 4},
-    # fresh experts trained jointly with the router (soft mixture), top-2 of 3 at inference
-    "lora_mixer": {"experts": 3, "r": 2, "alpha": 4, "top_k": 2, "stage": "joint_stage2", "train_experts": True},
-    # fresh trainable experts (PEFT X-LoRA needs folders; the matrix needs something that trains) + a depth-2 classifier
-    "xlora": {"experts": 2, "r": 2, "alpha": 4, "use_trainable_adapters": True, "xlora_depth": 2, "xlora_size": 8,
-              "layerwise_scalings": True},
-    # one LoRA per modality; the row's batch mixes text, image, audio and image+audio samples
-    "modality": {"vision_r": 2, "vision_alpha": 4, "speech_r": 2, "speech_alpha": 4},
-}
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 SAVED_FILES = ["adapter_model.safetensors", "manifest.json", "moelora_config.json"]
-# Rows whose inputs are more than token ids: "batch" builds the row's batch from (model, text batch),
-# "base_inputs" what the plain base LM must be fed to see what the model sees, "files" what save writes.
-ROW_INPUTS = {
-    "modality": {"batch": lambda model, batch: mixed_batch(model, build_tiny_tokenizer()), "base_inputs": base_inputs,
-                 "files": ["encoders.safetensors", "manifest.json", "moelora_config.json", "speech-lora", "vision-lora"]},
-}
 
 
 def _batch(method, model, batch):

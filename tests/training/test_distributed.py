@@ -16,6 +16,8 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
+from tests.method_cases import TEXT_METHODS as SHARED_TEXT_METHODS
+from tests.method_cases import method_override
 from tests.training.test_train_cli import REPO
 
 ARGS = ["base_model=tiny-random-llama", "max_steps=4", "data.tasks=[add, sort_asc]", "data.n_train_per_task=40",
@@ -120,13 +122,13 @@ def test_an_expert_without_tokens_on_one_process_does_not_hang(tmp_path):
     assert dead, "expected experts without tokens on the main process"
 
 
-TEXT_METHODS = {
-    "lora_mixer": "method={name: lora_mixer, experts: 3, r: 2, alpha: 4, stage: joint_stage2, train_experts: true}",
-    # classifier dropout off: its random masks differ between 1 and 2 processes by design
-    "xlora": "method={name: xlora, experts: 2, r: 2, alpha: 4, use_trainable_adapters: true, xlora_depth: 2, "
-             "xlora_size: 8, xlora_dropout_p: 0.0}",
-    "mixlora": "method={name: mixlora, num_factors: 6, r: 2, alpha: 4}",
+# Every routed text method of the shared list (smora's data-parallel tests are above; plain LoRA has no router).
+CLI_CHANGES = {
+    "xlora": {"xlora_dropout_p": 0.0},  # classifier dropout off: its random masks differ between 1 and 2 processes
+    "meteora": {"experts": ["add", "sort_asc"]},  # one expert per task: the supervised gate loss has its labels
 }
+TEXT_METHODS = {name: method_override(name, **CLI_CHANGES.get(name, {}))
+                for name in SHARED_TEXT_METHODS if name not in ("lora", "smora")}
 
 
 @pytest.mark.slow
