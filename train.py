@@ -26,6 +26,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Train (see `train`); the output folder's lock is released however the run ends, and Ctrl-C
+    becomes one line saying what was saved (exit code 130 from `cli`)."""
+    from moelora.errors import Interrupted
+
+    run = RunRecord()
+    try:
+        return train(argv, run)
+    except KeyboardInterrupt:
+        raise Interrupted(run.saved_note()) from None
+    except Exception:
+        if run.adapter_saved:  # e.g. a crash in the final evaluation: training itself is not lost
+            print(f"note: the trained adapter was saved to {run.output_dir / 'adapter'} before this error",
+                  file=sys.stderr)
+        raise
+    finally:
+        run.release()
+
+
+def train(argv: list[str] | None, run: RunRecord) -> dict:
     # --- 1. config: YAML + overrides, validated before anything slow starts ---------------------
     args = parse_args(argv)
     from moelora.training.run_config import load_run_config
@@ -44,9 +63,10 @@ def main(argv: list[str] | None = None) -> dict:
     from moelora.data.media import MultimodalCollator, encode_multimodal_examples
     from moelora.evaluation import evaluate_exact_match, format_results_table
     from moelora.training.batches import BatchOrder
-    from moelora.errors import TrainingError
+    from moelora.errors import ConfigError, TrainingError, short_repr
+    from moelora.training.output_dir import claim_output_dir
     from moelora.training.metrics import MetricsLogger, name_layers, router_health, summarise_router_stats
-    from moelora.training.state import (list_checkpoints, load_checkpoint, prune_checkpoints, resolve_resume,
+    from moelora.training.state import (load_checkpoint, prune_checkpoints, read_trainer_state, resolve_resume,
                                         save_checkpoint)
 
     # --- 2. accelerator: devices, processes, mixed precision, DeepSpeed ----------------------------
@@ -75,18 +95,25 @@ def main(argv: list[str] | None = None) -> dict:
 
     # --- 3. data: the built-in task suite and/or user files (read before anything slow or written) --
     train_examples, eval_examples = load_examples(cfg)
-    output_dir = Path(cfg.output_dir)
+    # Task-routed methods (LoRA-Mixer's stage 1) need an expert per task: every task is checked now, not
+    # when its first row comes up mid-run.
+    cfg.method_config.task_labels(sorted({ex["task"] for ex in train_examples + eval_examples}))
+    output_dir = run.output_dir = Path(cfg.output_dir)
     resume = resolve_resume(cfg.resume_from_checkpoint, output_dir)
-    if is_main:
-        prepare_output_dir(output_dir, cfg, resuming=resume is not None)
-    accelerator.wait_for_everyone()
+    resumed_step = read_trainer_state(resume)["counters"]["step"] if resume is not None else None
     set_seed(cfg.seed)
 
     # --- 4. base model and adapter --------------------------------------------------------------
     base, tokenizer = resolve_base_model(cfg.base_model, dtype=getattr(torch, cfg.dtype))
     multimodal = cfg.data.suite == "multimodal"  # images/audio: encoders + projectors train with the adapter
-    model = moelora.get_moelora_model(base, cfg.method_config, base_model_id=cfg.base_model,
-                                      encoders=cfg.encoders if multimodal else None)
+    try:
+        model = moelora.get_moelora_model(base, cfg.method_config, base_model_id=cfg.base_model,
+                                          encoders=cfg.encoders if multimodal else None)
+    except (MemoryError, RuntimeError) as exc:  # e.g. method.r=1e10: report the size, not an allocator trace
+        if not isinstance(exc, MemoryError) and "alloc" not in str(exc) and "out of memory" not in str(exc):
+            raise
+        raise ConfigError("method", f"the adapter does not fit in memory (method.r or the number of experts too "
+                          f"large?): {short_repr(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}") from None
     # ZeRO-3 gathers an encoder's shards on every process at once: each must run it every step
     model.run_every_encoder = multimodal and accelerator.num_processes > 1
     if cfg.gradient_checkpointing:
@@ -101,6 +128,12 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         train_set = encode_examples(tokenizer, train_examples, cfg.data.max_length)
         collate = Collator(tokenizer.pad_token_id)
+    evaluating = bool(eval_examples) and (cfg.eval_before_training or cfg.eval_strategy != "no")
+    check_positions(cfg, base.config, tokenizer, eval_examples if evaluating else [],
+                    getattr(model, "media_tokens", None))
+    # Everything is checked: now (and only now) the output folder is locked, cleared or cut back, and written.
+    run.lock = share_outcome(accelerator, lambda: claim_output_dir(output_dir, cfg, resume, resumed_step)
+                             if is_main else None)
     order = BatchOrder(len(train_set), cfg.per_device_train_batch_size, accelerator.num_processes,
                        accelerator.process_index, cfg.seed)
     g = cfg.gradient_accumulation_steps
@@ -137,8 +170,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {}
     if cfg.eval_before_training and eval_examples:
+        base_settings = json.loads(json.dumps({"base_model": cfg.base_model, "data": cfg.data.to_dict(),
+                                               "seed": cfg.seed, "eval_max_new_tokens": cfg.eval_max_new_tokens}))
         results["base"] = cached_eval(output_dir / "eval_base.json", evaluates, is_main, accelerator,
-                                      lambda: run_eval(core, True))
+                                      lambda: run_eval(core, True), base_settings)
 
     # --- 8. train ---------------------------------------------------------------------------------
     logger = MetricsLogger(output_dir, cfg.report_to, is_main, append=resume is not None)
@@ -152,8 +187,13 @@ def main(argv: list[str] | None = None) -> dict:
     window = fresh_window()
     last_loss = None
     world = accelerator.num_processes
+    params = core.trainable_parameters()
+    weights_ok = torch.ones((), dtype=torch.bool, device=accelerator.device)  # after the latest update
+    skips_in_a_row = 0
+    last_step_loss = None  # the LM loss of the latest applied step (this process's share)
     while counters["step"] < max_steps:
         finite = True
+        loss_before = window["loss"]
         micro_batches = []
         for _ in range(g):
             batch = collate([train_set[i] for i in order.indices(counters["micro_step"] + len(micro_batches))])
@@ -180,22 +220,32 @@ def main(argv: list[str] | None = None) -> dict:
             window["n"] += 1
             window["tokens"] += int(batch["attention_mask"].sum())
         window["steps"] += 1
-        # The gradient norm (clipped or not) also tells whether any gradient is non-finite.
+        # The gradient norm (clipped or not) also tells whether any gradient is non-finite; it is read
+        # together with the previous update's weight check: one host read per step for both.
         norm = accelerator.clip_grad_norm_(core.trainable_parameters(), cfg.max_grad_norm or float("inf"))
-        finite = finite and (norm is None or bool(torch.isfinite(torch.as_tensor(norm))))
-        finite = bool(accelerator.reduce(torch.tensor(float(finite), device=accelerator.device), "sum")
-                      == accelerator.num_processes)  # every process takes the same decision
+        grad_ok = torch.isfinite(torch.as_tensor(norm, device=accelerator.device)) if norm is not None else torch.ones_like(weights_ok)
+        flags = torch.stack([grad_ok.float() * float(finite), weights_ok.float()])
+        if world > 1:
+            flags = accelerator.reduce(flags, "sum")  # every process takes the same decision
+        finite, weights_were_ok = (v == world for v in flags.tolist())
+        if not weights_were_ok:  # skipping cannot help: the weights themselves are lost
+            bar.close()
+            raise non_finite_error(cfg, counters["step"], output_dir, weights=True)
         if finite:
             optimizer.step()
             scheduler.step()
+            weights_ok = weights_finite(params)  # read with the next step's flags (or before a save)
+            skips_in_a_row = 0
+            last_step_loss = window["loss"] - loss_before
         elif cfg.nan_policy == "stop":
-            last = list_checkpoints(output_dir)
             bar.close()
-            raise TrainingError(f"non-finite loss or gradient at step {counters['step'] + 1}; training stopped "
-                                f"without saving (last good checkpoint: {last[-1] if last else 'none'}). "
-                                "Lower learning_rate, or set nan_policy=skip to drop such steps")
+            raise non_finite_error(cfg, counters["step"] + 1, output_dir)
         else:
             counters["skipped_steps"] += 1
+            skips_in_a_row += 1
+            if skips_in_a_row >= cfg.nan_max_consecutive_skips:
+                bar.close()
+                raise non_finite_error(cfg, counters["step"] + 1, output_dir, skipped=skips_in_a_row)
         optimizer.zero_grad(set_to_none=True)
         core.update_router_state(apply=finite)  # loss-free balancing etc.: once per optimizer step, all-reduced
         counters["step"] += 1
@@ -237,6 +287,8 @@ def main(argv: list[str] | None = None) -> dict:
                     logger.log(step, {f"eval/{k}": v for k, v in scores.items()})
             accelerator.wait_for_everyone()
         if cfg.save_steps and step % cfg.save_steps == 0 and step < max_steps:
+            if not bool(weights_ok):  # never write a non-finite checkpoint (it would be the "last good" one)
+                raise non_finite_error(cfg, step, output_dir, weights=True)
             with core.gathered_adapter():  # ZeRO-3: every process takes part; the main one writes
                 if is_main:  # DeepSpeed shards optimizer moments: its checkpoints restart them on resume
                     save_checkpoint(output_dir / f"checkpoint-{step}", core, None if deepspeed else optimizer,
@@ -247,9 +299,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     # --- 9. save the adapter, evaluate the trained model, write the tables ------------------------
     check_router_state_in_sync(accelerator, core)
-    summary = {"final_loss": last_loss, "steps": counters["step"]}
-    if eval_examples and cfg.eval_strategy != "no":  # "no": no evaluation at all (evaluate.py can score it later)
-        results["trained"] = run_eval(core, False) if evaluates else {}
+    if not bool(weights_ok):
+        raise non_finite_error(cfg, counters["step"], output_dir, weights=True)
+    # The last applied step's loss: the same however often the run was resumed (a logging window is not).
+    if last_step_loss is not None:
+        last_step_loss = float(accelerator.reduce(torch.tensor(last_step_loss, device=accelerator.device), "sum"))
+    summary = {"final_loss": last_step_loss if last_step_loss is not None else last_loss, "steps": counters["step"]}
+    # The adapter is saved before the final evaluation: a crash or Ctrl-C there must not lose the training.
     with core.gathered_adapter():
         final_state = {k: v.detach().clone() for k, v in core.adapter_state_dict().items()} if is_main else None
     if is_main:
@@ -257,6 +313,14 @@ def main(argv: list[str] | None = None) -> dict:
                                             for name, r in results.items()}}
         core.save_pretrained(output_dir / "adapter", manifest=manifest, dtype=getattr(torch, cfg.save_dtype),
                              state=final_state, format=cfg.save_format)
+        run.adapter_saved = True
+    accelerator.wait_for_everyone()
+    if eval_examples and cfg.eval_strategy != "no":  # "no": no evaluation at all (evaluate.py can score it later)
+        results["trained"] = run_eval(core, False) if evaluates else {}
+    if is_main:
+        manifest["metrics"] = {**summary, **{f"{name}_exact_match": r["per_task"] | {"average": r["average"]}
+                                            for name, r in results.items()}}
+        update_manifest(output_dir / "adapter", manifest["metrics"])
         if results:
             table = format_results_table(results)
             print("\nper-task exact match (held-out split):\n" + table)
@@ -313,22 +377,115 @@ def check_router_state_in_sync(accelerator, core) -> None:
         raise TrainingError("router state (e.g. SMoRA's bias) differs between processes; please report this bug")
 
 
-def prepare_output_dir(output_dir: Path, cfg, resuming: bool) -> None:
-    """Refuse to mix two runs in one folder; fail early (not after training) if it is unwritable.
-    A folder "holds a run" once it has something to lose: a checkpoint or a saved adapter."""
+class RunRecord:
+    """What one run holds and has saved: its output folder, the folder's lock, whether the adapter is written."""
+
+    def __init__(self):
+        self.output_dir: Path | None = None
+        self.lock = None  # moelora.training.output_dir.RunLock, on the main process once the folder is claimed
+        self.adapter_saved = False
+
+    def saved_note(self) -> str:
+        from moelora.training.state import list_checkpoints
+
+        if self.lock is None:
+            return "stopped before training started; nothing was written"
+        if self.adapter_saved:
+            return f"the trained adapter is saved in {self.output_dir / 'adapter'} (the final evaluation did not finish)"
+        last = list_checkpoints(self.output_dir)
+        if last:
+            return f"stopped; the newest checkpoint is {last[-1]} (continue with resume_from_checkpoint=true)"
+        return "stopped before the first checkpoint; nothing of the training was saved (save_steps keeps progress)"
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def share_outcome(accelerator, claim):
+    """Run `claim()` (the main process's output-folder checks) and let every process share its outcome: a
+    refused folder stops all of them (the others silently, with the same exit code), none waits forever."""
+    from moelora.errors import MoeloraError
+
+    problem, result = None, None
+    try:
+        result = claim()
+    except MoeloraError as exc:
+        problem = exc
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refused = broadcast_object_list([problem is not None])[0]
+        if refused and problem is None:
+            raise SystemExit(2)  # the main process prints the one line
+    if problem is not None:
+        raise problem
+    return result
+
+
+def check_positions(cfg, base_config, tokenizer, eval_examples, media_tokens) -> None:
+    """Sequences must fit the base model's positions: beyond them a CPU run fails with an IndexError and a
+    GPU one with a device-side assert, after the base model is loaded (training) or after training (generation)."""
+    from moelora.data.media import encode_prompts
     from moelora.errors import ConfigError
+
+    limit = getattr(base_config, "max_position_embeddings", None) or getattr(base_config, "n_positions", None)
+    if not isinstance(limit, int):
+        return
+    if cfg.data.max_length > limit:
+        raise ConfigError("data.max_length", f"{cfg.data.max_length} exceeds the {limit} positions of base model "
+                          f"{cfg.base_model}; set data.max_length <= {limit}")
+    if eval_examples:
+        prompt_ids, _ = encode_prompts(tokenizer, eval_examples, media_tokens)
+        longest = max(len(p) for p in prompt_ids)
+        if longest + cfg.eval_max_new_tokens > limit:
+            raise ConfigError("eval_max_new_tokens", f"{cfg.eval_max_new_tokens} new tokens after the longest "
+                              f"evaluation prompt ({longest} tokens) exceed the {limit} positions of base model "
+                              f"{cfg.base_model}; set eval_max_new_tokens <= {limit - longest}")
+
+
+def weights_finite(params):
+    """A 0-dim bool tensor: every trainable weight is finite. One fused max-norm over all of them (NaN
+    propagates through max, and a max cannot overflow as a sum of squares would); no host read here."""
+    import torch
+
+    with torch.no_grad():
+        tensors = [p.detach() for p in params if p.numel()]
+        if not tensors:
+            return torch.ones((), dtype=torch.bool)
+        return torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf"))).max())
+
+
+def non_finite_error(cfg, step: int, output_dir: Path, weights: bool = False, skipped: int = 0):
+    from moelora.errors import TrainingError
     from moelora.training.state import list_checkpoints
 
-    marker = output_dir / "run_config.json"
-    holds_run = (output_dir / "adapter").exists() or bool(list_checkpoints(output_dir))
-    if holds_run and not resuming and not cfg.overwrite_output_dir:
-        raise ConfigError("output_dir", f"{output_dir} already holds a run; pass resume_from_checkpoint=true to "
-                          "continue it, overwrite_output_dir=true to replace it, or choose another output_dir")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    except OSError as exc:
-        raise ConfigError("output_dir", f"cannot write to {output_dir}: {exc.strerror or exc}") from None
+    last = list_checkpoints(output_dir)
+    kept = f"last good checkpoint: {last[-1] if last else 'none'}"
+    if cfg.dtype == "float16" or cfg.mixed_precision == "fp16":
+        why = ("float16's range ends at 65504, so activations or gradients can overflow at any learning rate; "
+               "dtype=bfloat16 (or float32) has float32's range")
+    else:
+        why = "lower learning_rate (or max_grad_norm)"
+    if weights:
+        return TrainingError(f"the adapter's weights became non-finite (NaN/inf) in the update of step {step}; "
+                             f"training stopped without saving them ({kept}); skipping steps cannot undo an "
+                             f"update: {why}")
+    if skipped:
+        return TrainingError(f"{skipped} non-finite steps in a row (the last at step {step}): the run is diverging, "
+                             f"skipping cannot help (nan_max_consecutive_skips={cfg.nan_max_consecutive_skips}); "
+                             f"stopped without saving ({kept}); {why}")
+    return TrainingError(f"non-finite loss or gradient at step {step}; training stopped without saving ({kept}). "
+                         f"To avoid it: {why}; or set nan_policy=skip to drop such steps")
+
+
+def update_manifest(adapter_dir: Path, metrics: dict) -> None:
+    """Add the final evaluation's scores to a saved adapter's manifest.json (atomically)."""
+    from moelora.checkpoint import read_json, write_json
+    from moelora.model import MANIFEST_NAME
+
+    manifest = read_json(adapter_dir / MANIFEST_NAME, "manifest")
+    write_json(adapter_dir / MANIFEST_NAME, {**manifest, "metrics": metrics})
 
 
 def load_examples(cfg) -> tuple[list[dict], list[dict]]:
@@ -353,22 +510,30 @@ def load_examples(cfg) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def cached_eval(path: Path, evaluates: bool, is_main: bool, accelerator, run) -> dict:
-    """The base model's scores do not change on resume: compute once, reuse from the output folder."""
+def cached_eval(path: Path, evaluates: bool, is_main: bool, accelerator, run, settings: dict) -> dict:
+    """The base model's scores do not change on resume: compute once, reuse from the output folder, as long
+    as they were computed with the same `settings` (base model, tasks, generation length)."""
     result = {}
     if evaluates:
+        cached = None
         if path.is_file():
-            result = json.loads(path.read_text())
+            try:
+                cached = json.loads(path.read_text())
+            except json.JSONDecodeError:  # a torn write: compute again
+                cached = None
+        if isinstance(cached, dict) and cached.get("settings") == settings:
+            result = cached
         else:
             result = run()
             if is_main:
-                path.write_text(json.dumps({k: result[k] for k in ("per_task", "average", "n")}, indent=2))
+                path.write_text(json.dumps({**{k: result[k] for k in ("per_task", "average", "n")},
+                                            "settings": settings}, indent=2))
     accelerator.wait_for_everyone()
     return result
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from moelora.errors import run_cli
+    from moelora.errors import run_cli  # bad input: exit 2; Ctrl-C: exit 130, one line each
 
     return run_cli(main, argv)
 

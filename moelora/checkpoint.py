@@ -29,9 +29,16 @@ def atomic_dir(path: str | os.PathLike):
     """Yield a temporary folder; on success it replaces `path` (the old one is removed only after)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         yield tmp
+    except OSError as exc:  # e.g. the disk filled up: the old folder is untouched, the partial one removed
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}; nothing was replaced "
+                              "(the partial folder was removed)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -45,18 +52,46 @@ def atomic_dir(path: str | os.PathLike):
         shutil.rmtree(old, ignore_errors=True)
 
 
+# What a killed save leaves beside its destination: `.<name>.tmp-*` (being written) or `.<name>.old-<pid>`.
+ORPHAN_PATTERNS = (".*.tmp-*", ".*.old-*")
+
+
 def write_json(path: Path, data) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """Write JSON atomically (a temporary file renamed over `path`): readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> dict:
+    """A JSON object from `path`; anything else (bad JSON, a list, a number) is a CheckpointError naming it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{what} {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {path} must hold a JSON object, got a {type(data).__name__}")
+    return data
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """Name of the first floating tensor holding NaN or infinity, or None: one host read when all are finite."""
+    floats = [(k, v) for k, v in tensors.items() if v.is_floating_point() and v.numel()]
+    if not floats:
+        return None
+    device = floats[0][1].device
+    ok = torch.stack([torch.isfinite(v).all().to(device) for _, v in floats]).cpu()
+    if bool(ok.all()):
+        return None
+    return next(k for (k, _), good in zip(floats, ok.tolist()) if not good)
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:

@@ -8,13 +8,16 @@ with a suggestion; so are wrong types, before anything slow (model loading) star
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from ..config import StrictConfig, suggest
-from ..errors import ConfigError
+from ..errors import ConfigError, short_repr
 from ..multimodal.encoders import EncoderConfig
 from ..registry import config_from_dict, get_method
 
@@ -76,6 +79,9 @@ class RunConfig(StrictConfig):
     save_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # precision of the saved adapter
     save_format: Literal["moelora", "peft"] = "moelora"  # final adapter as a PEFT LoRA folder (LoRA only): e.g. an expert
     nan_policy: Literal["stop", "skip"] = "stop"  # non-finite loss/gradient: stop naming the step, or skip the step
+    # nan_policy=skip: this many non-finite steps in a row mean the run is diverging, not hitting a rare
+    # bad batch; skipping more would only burn compute, so the run stops
+    nan_max_consecutive_skips: int = 10
     router_collapse_entropy: float = 0.2  # a layer whose normalised load entropy falls below this is reported as collapsed
     router_collapse_stop: bool = False  # stop the run (checkpoints intact) when a router collapses
 
@@ -97,8 +103,14 @@ class RunConfig(StrictConfig):
                 raise self.error(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise self.error("max_steps", f"must be >= 1 (or -1 to use num_train_epochs), got {self.max_steps}")
-        if self.learning_rate <= 0:
-            raise self.error("learning_rate", f"must be > 0, got {self.learning_rate}")
+        self.check_numbers()
+        target = getattr(self.method_config, "target_modules", None)
+        if isinstance(target, str):  # a regex over full module names
+            try:
+                re.compile(target)
+            except re.error as exc:
+                raise ConfigError("method.target_modules", f"is not a valid regular expression "
+                                  f"({exc}): {short_repr(target)}") from None
         if not 0 <= self.warmup_ratio < 1:
             raise self.error("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         if self.eval_strategy == "steps" and self.eval_steps < 1:
@@ -106,16 +118,70 @@ class RunConfig(StrictConfig):
         for sink in self.report_to:
             if sink not in ("jsonl", "tensorboard", "none"):
                 raise self.error("report_to", f"unknown sink '{sink}' (jsonl, tensorboard, none){suggest(sink, ['jsonl', 'tensorboard'])}")
-        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
-            raise self.error("deepspeed", f"file not found: {self.deepspeed}")
+        if self.deepspeed is not None:
+            self.check_deepspeed_file()
+        if self.output_dir.strip() == "" or Path(self.output_dir).resolve() == Path(self.output_dir).resolve().parent:
+            raise self.error("output_dir", f"{self.output_dir!r} is not a run folder (it would spread the run over "
+                             "the working directory or the filesystem root); name a folder, e.g. runs/smora")
         if self.deepspeed is not None and self.ddp_comm_hook != "none":
             raise self.error("ddp_comm_hook", "applies to DDP only; under DeepSpeed set the gradients' "
                              "communication_data_type in the DeepSpeed JSON instead")
+
+    def check_numbers(self) -> None:
+        """Ranges of the numeric keys: NaN or infinity anywhere, a negative clip norm (gradient ascent),
+        zero epochs (an untrained adapter saved as trained), a seed numpy cannot take."""
+        finite_min = {"learning_rate": (0.0, False), "weight_decay": (0.0, True), "max_grad_norm": (0.0, True),
+                      "num_train_epochs": (0.0, False), "router_collapse_entropy": (0.0, True)}
+        for name, (low, inclusive) in finite_min.items():
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < low or (value == low and not inclusive):
+                bound = f">= {low:g}" if inclusive else f"> {low:g}"
+                extra = " (0 turns clipping off)" if name == "max_grad_norm" else ""
+                raise self.error(name, f"must be {bound} and finite{extra}, got {value}")
+        if not 0 <= self.seed < 2**32:
+            raise self.error("seed", f"must be in [0, 2**32 - 1] (what numpy's generator takes), got {short_repr(self.seed)}")
+        for name in ("num_threads", "save_steps", "eval_steps"):
+            if getattr(self, name) < 0:
+                raise self.error(name, f"must be >= 0 (0: {'automatic' if name == 'num_threads' else 'never'}), "
+                                 f"got {getattr(self, name)}")
+        if self.nan_max_consecutive_skips < 1:
+            raise self.error("nan_max_consecutive_skips", f"must be >= 1, got {self.nan_max_consecutive_skips}")
+
+    def check_deepspeed_file(self) -> None:
+        path = Path(self.deepspeed)
+        if not path.is_file():
+            raise self.error("deepspeed", f"file not found: {self.deepspeed}")
+        try:
+            ds = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise self.error("deepspeed", f"{self.deepspeed} is not valid JSON: {exc}") from None
+        if not isinstance(ds, dict):
+            raise self.error("deepspeed", f"{self.deepspeed} must hold a JSON object of DeepSpeed settings, "
+                             f"got a {type(ds).__name__}")
 
     def to_dict(self):
         out = super().to_dict()
         out["method"] = self.method_config.to_dict()
         return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges keys; overriding them is allowed
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError("--config", f"key {short_repr(key)} is given twice in one mapping, at line "
+                                  f"{key_node.start_mark.line + 1} (which one did you mean?)")
+            try:
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base loader reports it
+                pass
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -124,7 +190,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(item, "overrides are written key=value (e.g. learning_rate=1e-4)")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -138,7 +204,7 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
         if not p.is_file():
             raise ConfigError("--config", f"file not found: {path}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -152,5 +218,9 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
             if key not in ("method", "data", "encoders") and depth == 0:
                 raise ConfigError(".".join(keys), f"'{key}' has no sub-keys{suggest(key, RunConfig.field_names())}")
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):  # e.g. method.r.foo=1: r holds a value, not a section
+                raise ConfigError(".".join(keys), f"'{'.'.join(keys[: depth + 1])}' holds a value "
+                                  f"({short_repr(node)}), not a section of keys; set it whole, e.g. "
+                                  f"{'.'.join(keys[: depth + 1])}=<value>")
         node[keys[-1]] = value
     return RunConfig.from_dict(data)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import atomic_dir, load_tensors, read_json, save_tensors, write_json
-from ..errors import CheckpointError
+from ..errors import CheckpointError, short_repr
 
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -69,20 +69,51 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, counters: dict, man
         })
 
 
+def read_trainer_state(path: Path) -> dict:
+    """trainer_state.json of checkpoint `path`, with every field load_checkpoint needs checked for type."""
+    where = path / STATE_JSON
+    meta = read_json(where, "trainer state")
+    counters = meta.get("counters")
+    if not isinstance(counters, dict) or not all(
+            isinstance(counters.get(k), int) and counters[k] >= 0 for k in ("step", "micro_step", "skipped_steps")):
+        raise CheckpointError(f"trainer state {where}: 'counters' must hold non-negative integers step, "
+                              f"micro_step and skipped_steps, got {short_repr(counters)}")
+    rng = meta.get("rng")
+    if not isinstance(meta.get("scheduler"), dict) or not (meta.get("optimizer") is None or isinstance(
+            meta.get("optimizer"), dict)) or not isinstance(rng, dict) or not all(
+            isinstance(rng.get(k), list) for k in ("python", "numpy")):
+        raise CheckpointError(f"trainer state {where} is incomplete: it needs 'scheduler' and 'rng' objects "
+                              "(and 'optimizer', or null), as save_checkpoint writes them")
+    return meta
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore a checkpoint written by `save_checkpoint`; returns its counters."""
-    meta = read_json(path / STATE_JSON, "trainer state")
+    meta = read_trainer_state(path)  # checked first: a malformed state never half-restores a model
     model.load_adapter_state_dict(*model.read_adapter_files(path / "adapter"))  # the files save_pretrained wrote
     tensors = load_tensors(path / STATE_TENSORS)
-    if meta["optimizer"] is not None and optimizer is not None:
-        _optimizer_from_flat(optimizer, tensors, meta["optimizer"])
-    scheduler.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
-    py = meta["rng"]["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npv = meta["rng"]["numpy"]
-    np.random.set_state((npv[0], np.array(npv[1], dtype=np.uint32), npv[2], npv[3], npv[4]))
+    try:
+        if meta["optimizer"] is not None and optimizer is not None:
+            _optimizer_from_flat(optimizer, tensors, meta["optimizer"])
+        scheduler.load_state_dict(meta["scheduler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        py = meta["rng"]["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        npv = meta["rng"]["numpy"]
+        np.random.set_state((npv[0], np.array(npv[1], dtype=np.uint32), npv[2], npv[3], npv[4]))
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise CheckpointError(f"checkpoint {path}: its optimizer, scheduler or RNG state does not fit this run "
+                              f"({type(exc).__name__}: {short_repr(str(exc))})") from None
     return meta["counters"]
+
+
+def saved_training_config(path: Path) -> dict | None:
+    """The run config a checkpoint was trained with (its adapter manifest's), or None if it has none."""
+    manifest = path / "adapter" / "manifest.json"
+    if not manifest.is_file():
+        return None
+    config = read_json(manifest, "checkpoint manifest").get("training_config")
+    return config if isinstance(config, dict) else None
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
