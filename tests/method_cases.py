@@ -19,6 +19,8 @@ METHOD_CASES = {
     # fresh trainable experts (PEFT X-LoRA needs folders; the matrix needs something that trains) + a depth-2 classifier
     "xlora": {"experts": 2, "r": 2, "alpha": 4, "use_trainable_adapters": True, "xlora_depth": 2, "xlora_size": 8,
               "layerwise_scalings": True},
+    # fresh trainable task experts, top-2 of 3 per token (the gate loss needs sample_labels: tests/methods)
+    "meteora": {"experts": 3, "r": 2, "alpha": 4, "top_k": 2, "target_modules": ["q_proj", "v_proj", "down_proj"]},
     # one LoRA per modality; the row's batch mixes text, image, audio and image+audio samples
     "modality": {"vision_r": 2, "vision_alpha": 4, "speech_r": 2, "speech_alpha": 4},
 }

@@ -1,0 +1,160 @@
+"""MeteoRA (Xu, Lai, Huang; ICLR 2025, arXiv 2405.13053): task LoRAs as experts behind a gate in every linear.
+
+E task LoRAs (usually existing PEFT folders, one per task) sit in every adapted linear ("full mode": all
+seven projections of a Llama block), and each adapted linear has its own gate on its own input:
+
+    z   = W_g x                                   [E] gate logits per token (no bias)
+    S   = top-k(z)                                k = 2 in the reference
+    w_j = softmax_{j in S}(z_j / tau)             tau = temperature (the reference: 1 in training; 15-30 for
+                                                   long composite prompts); k = 1 gives w = 1
+    y   = W0 x + sum_{j in S} w_j * s_j * B_j A_j drop(x)      s_j = alpha_j / r_j of expert j
+
+The gates are trained with the LM loss plus a *supervised* gate loss towards each sample's task:
+
+    L = L_LM + lambda * mean over every gate and real token of CE(z, task of the token's sample)
+
+(lambda = `gate_loss_coef`, 50 in the reference; one mean over the concatenated gates equals the mean of
+the per-module means, since every module sees the same tokens). The task ids arrive as `sample_labels`:
+train.py passes `task_labels(tasks)` (the index of the expert named after each sample's task; samples of
+tasks without an expert of that name get no gate loss). Without labels only the LM loss trains.
+Inference routes per token at every decode step (the reference's "timely switching"); no label is read.
+
+Trainable: the gates; the experts too when fresh, frozen when they are PEFT folders (the paper's setting;
+`train_experts: true` tunes them, as the released training script does). The gate reads the layer input
+before dropout; the experts read it after (reference). Not mergeable: the gates depend on the input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from ..config import ALL_LINEAR
+from ..errors import MoeloraError
+from ..experts import ExpertBankLayer, ExpertBankModel, ExpertsConfig
+from ..layer import RouterStats, in_backward, kaiming_uniform_
+from ..ops import rank_activation
+from ..registry import register_method
+from ..routing import per_token, supervised_gate_loss, token_weights, top_k_gates
+
+IGNORE = -100  # a sample without a task expert: no gate loss (the reference's label for padding)
+
+
+@dataclasses.dataclass
+class MeteoRAConfig(ExpertsConfig):
+    target_modules: list[str] | str = dataclasses.field(default_factory=lambda: list(ALL_LINEAR))  # "full mode"
+    r: int = 8  # rank of fresh experts: the released MeteoRA adapters are r=8
+    alpha: float = 16.0  # fresh experts' alpha: the released adapters' (scaling 2)
+    top_k: int = 2  # experts per token: the reference's default (its top-1 variant: 1)
+    temperature: float = 1.0  # tau of the softmax over the selected logits; the reference trains at 1
+    gate_loss_coef: float = 50.0  # lambda of the supervised gate CE: the reference's hard-coded value
+    train_experts: bool | None = None  # None: fresh experts train, PEFT folders stay frozen (gates only: the paper)
+
+    def validate(self) -> None:
+        super().validate()
+        n = len(self.expert_specs())
+        if not 1 <= self.top_k <= n:
+            raise self.error("top_k", f"must be between 1 and the {n} experts, got {self.top_k}")
+        if self.temperature <= 0:
+            raise self.error("temperature", f"must be > 0, got {self.temperature}")
+        if self.gate_loss_coef < 0:
+            raise self.error("gate_loss_coef", f"must be >= 0, got {self.gate_loss_coef}")
+
+    def experts_trainable(self) -> bool:
+        if self.train_experts is not None:
+            return self.train_experts
+        return all(s.path is None for s in self.expert_specs())
+
+    def task_labels(self, tasks: list[str]) -> list[int] | None:
+        """The gate loss's target per sample: the index of the expert named after its task (-100: none)."""
+        if self.gate_loss_coef == 0:
+            return None
+        names = self.expert_names
+        return [names.index(t) if t in names else IGNORE for t in tasks]
+
+
+class MeteoRALayer(ExpertBankLayer):
+    def __init__(self, base_layer, config: MeteoRAConfig, context):
+        super().__init__(base_layer, config, context)
+        # nn.Linear's default init, as the reference's gate after its last adapter is added.
+        self.gate = nn.Parameter(torch.empty(self.n_experts, self.in_features, dtype=self.lora_A.dtype,
+                                             device=self.lora_A.device))
+        kaiming_uniform_(self.gate)
+        # The gate reads the input before dropout and the experts after: this layer applies the dropout itself.
+        self.expert_dropout, self.dropout = self.dropout, nn.Identity()
+        self.n_gates = 1  # gates in the model (set by MeteoRAModel): the gate loss is a mean over all of them
+        self.router_stats = RouterStats(self, self.n_experts)
+        self.register_buffer("stat_gate_loss", torch.zeros(2, device=self.lora_A.device), persistent=False)
+
+    def update(self, x, out):
+        cfg = self.config
+        e, rows = self.n_experts, self.lora_A.shape[0]
+        if self.training and cfg.dropout > 0:
+            dropped = self.expert_dropout(x)
+            logits, h = x @ self.gate.t(), dropped @ self.lora_A.t()
+        else:  # one GEMM for the gate logits and the shrink H = x A^T (both read x)
+            dropped = x
+            logits, h = (x @ torch.cat([self.gate, self.lora_A]).t()).split([e, rows], dim=-1)
+        idx, w = top_k_gates(logits, cfg.top_k, "softmax", temperature=cfg.temperature)
+        self.record_routing(idx, w)
+        self._add_gate_loss(logits)
+        gates = w * self.expert_scaling[idx]
+        return rank_activation(dropped, self.lora_A, self.lora_B, idx, idx, gates, 1.0, self.block, h=h, out=out)
+
+    def _add_gate_loss(self, logits: torch.Tensor) -> None:
+        labels = self.context.sample_labels
+        if labels is None or self.config.gate_loss_coef == 0 or not (self.training and torch.is_grad_enabled()):
+            return
+        n = logits.shape[0]
+        w = token_weights(self.context.flat_mask(n), n, logits)
+        ce = supervised_gate_loss(logits, per_token(labels.to(logits.device), n, "sample_labels"), w)
+        # Checkpoint recomputation runs the same ops (saved tensors line up), but the forward already added it.
+        if in_backward():
+            return
+        self.context.aux_losses.append(self.config.gate_loss_coef * ce / self.n_gates)
+        with torch.no_grad():
+            self.stat_gate_loss += torch.stack([ce.detach(), ce.new_ones(())])
+
+    def stats(self):
+        out = super().stats()
+        total, count = self.stat_gate_loss.tolist()
+        if count:
+            out["loss_terms"] = {"gate": total / count}  # the unweighted CE, logged as aux/gate
+        return out
+
+    def reset_stats(self):
+        super().reset_stats()
+        self.stat_gate_loss.zero_()
+
+
+class MeteoRAModel(ExpertBankModel):
+    """Fills the experts from PEFT folders (the bank) and tells every gate how many gates share the loss."""
+
+    def __init__(self, base_model, method_config, base_model_id=None):
+        super().__init__(base_model, method_config, base_model_id)
+        layers = self.adapter_layers().values()
+        for layer in layers:
+            layer.n_gates = len(layers)
+
+    def experts_trainable(self) -> bool:
+        return self.method_config.experts_trainable()
+
+    def forward(self, *args, sample_labels=None, **kwargs):
+        if sample_labels is not None and sample_labels.numel():
+            n = len(self.method_config.expert_specs())
+            bad = (sample_labels >= n) | ((sample_labels < 0) & (sample_labels != IGNORE))
+            if bool(bad.any()):  # one host read per forward, at the model level
+                raise MoeloraError(f"sample_labels must be expert indices in [0, {n}) or {IGNORE} (no gate loss), "
+                                   f"got {sample_labels.tolist()}")
+        return super().forward(*args, sample_labels=sample_labels, **kwargs)
+
+    def saved_config(self) -> dict:
+        meta = super().saved_config()
+        # The saved bank is the experts as trained: whether they train must not depend on where they came from.
+        meta["config"]["train_experts"] = self.method_config.experts_trainable()
+        return meta
+
+
+register_method("meteora", MeteoRAConfig, MeteoRALayer, model_cls=MeteoRAModel)
