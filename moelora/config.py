@@ -162,6 +162,10 @@ class MethodConfig(StrictConfig):
     target_modules: list[str] | str = dataclasses.field(default_factory=lambda: list(ALL_LINEAR))
     # Dropout on the adapter input (the router reads the same dropped-out input, as in the references).
     dropout: float = 0.0
+    # PEFT's name and default: trainable adapter tensors live in fp32 under a bf16/fp16 base, so small AdamW
+    # updates are not rounded away; false keeps them in the base dtype. Router buffers (SMoRA's beta, counts)
+    # and routing arithmetic are fp32 either way.
+    autocast_adapter_dtype: bool = True
 
     def validate(self) -> None:
         if not 0.0 <= self.dropout < 1.0:

@@ -156,8 +156,9 @@ class ExpertBankLayer(AdapterLayer):
         self.n_experts = len(specs)
         self.block = max(s.r for s in specs)
         rows = self.n_experts * self.block
-        self.lora_A = nn.Parameter(torch.zeros(rows, self.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rows, dtype=w.dtype, device=w.device))
+        # Created in the adapter dtype (fp32 under a 16-bit base) so loaded expert weights are not rounded
+        self.lora_A = nn.Parameter(torch.zeros(rows, self.in_features, dtype=self.adapter_dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rows, dtype=self.adapter_dtype, device=w.device))
         with torch.no_grad():
             for e, s in enumerate(specs):
                 kaiming_uniform_(self.lora_A.data[e * self.block:e * self.block + s.r])  # fan-in d_in, as PEFT

@@ -77,6 +77,13 @@ def kaiming_uniform_(weight: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
 
 
+def adapter_dtype_for(config, base_dtype: torch.dtype) -> torch.dtype:
+    """PEFT's rule: fp32 adapters under a 16-bit base unless `config.autocast_adapter_dtype` is false."""
+    if getattr(config, "autocast_adapter_dtype", True) and base_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return base_dtype
+
+
 class AdapterLayer(nn.Module):
     """Base linear + routed low-rank update. Subclasses define `update` and their parameters."""
 
@@ -92,6 +99,9 @@ class AdapterLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.adapter_enabled = True
         self.track_stats = True
+        # The dtype adapter tensors are created in and the update is computed in (fp32 under a 16-bit base by
+        # default); `MoELoRAModel.place_adapter` enforces it for tensors a method created otherwise.
+        self.adapter_dtype = adapter_dtype_for(config, base_layer.weight.dtype)
 
     # --- the forward every method shares -------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -100,7 +110,7 @@ class AdapterLayer(nn.Module):
             return out
         flat_x = x.reshape(-1, self.in_features)
         flat_out = out.reshape(-1, self.out_features)
-        dtype = self.lora_A.dtype  # adapters may be kept in fp32 under a bf16 base, as PEFT does
+        dtype = self.adapter_dtype
         new = self.update(self.dropout(flat_x).to(dtype), flat_out.to(dtype))
         return new.to(out.dtype).view(out.shape)
 
@@ -116,6 +126,8 @@ class AdapterLayer(nn.Module):
     def apply_step(self, counts: torch.Tensor) -> None:
         """Called once per optimizer step with the all-reduced `step_counts()`."""
 
+    # Layers with a router keep a `RouterStats` as `self.router_stats`; these defaults report and reset it,
+    # so a method only overrides them to add statistics of its own (and calls these for the rest).
     def stats(self) -> dict | None:
         """Router utilisation since the last reset, or None for methods without a router."""
         router = getattr(self, "router_stats", None)
@@ -135,8 +147,6 @@ class AdapterLayer(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """The constant ΔW [d_out, d_in] for mergeable methods."""
         raise NotImplementedError
-    # Layers with a router keep a `RouterStats` as `self.router_stats`; these defaults report and reset it,
-    # so a method only overrides them to add statistics of its own (and calls these for the rest).
 
     def merge(self) -> nn.Module:
         """Fold the update into the base weight and return the plain base layer."""

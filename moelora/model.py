@@ -22,7 +22,7 @@ from . import __version__
 from .checkpoint import atomic_dir, check_fingerprint, fingerprint, load_tensors, read_json, save_tensors, write_json
 from .config import suggest
 from .errors import CheckpointError, ConfigError, DataError
-from .layer import AdapterLayer, RoutingContext, linear_dims
+from .layer import AdapterLayer, RoutingContext, adapter_dtype_for, linear_dims
 from .registry import config_from_dict, get_method
 
 CONFIG_NAME = "moelora_config.json"
@@ -74,6 +74,33 @@ class MoELoRAModel(nn.Module):
             layer = method.layer_cls(getattr(parent, child), method_config, self.context)
             layer.layer_name = name
             setattr(parent, child, layer)
+        for layer in self.adapter_layers().values():
+            self.place_adapter(layer, like=layer.base_layer.weight)
+
+    # --- adapter precision ------------------------------------------------------------------
+    def place_adapter(self, module: nn.Module, like: torch.Tensor) -> nn.Module:
+        """Put `module`'s own trainable tensors (an adapter layer's, skipping its `base_layer`, or a model-level
+        router/encoder's) on `like`'s device in the adapter dtype; floating buffers (router state such as SMoRA's
+        beta and counts) go to fp32 whatever the policy: they accumulate steps far below 16-bit resolution."""
+        dtype = adapter_dtype_for(self.method_config, like.dtype)
+        for name, sub in module.named_modules():
+            if name == "base_layer" or name.startswith("base_layer."):
+                continue
+            for key, p in sub.named_parameters(recurse=False):
+                if p.is_floating_point():
+                    p.data = p.data.to(device=like.device, dtype=dtype)
+            for key, b in sub.named_buffers(recurse=False):
+                sub._buffers[key] = b.to(device=like.device, dtype=torch.float32 if b.is_floating_point() else None)
+        if isinstance(module, AdapterLayer):
+            module.adapter_dtype = dtype
+        return module
+
+    def router_state_to_fp32(self) -> None:
+        """Undo a whole-model cast of the router buffers (DeepSpeed's bf16/fp16 engine casts every buffer)."""
+        for layer in self.adapter_layers().values():
+            for key, b in list(layer._buffers.items()):
+                if b is not None and b.is_floating_point() and b.dtype != torch.float32:
+                    layer._buffers[key] = b.float()
 
     # --- delegation -------------------------------------------------------------------------
     def __getattr__(self, name):

@@ -42,8 +42,8 @@ class LoRALayer(AdapterLayer):
     def __init__(self, base_layer, config: LoRAConfig, context):
         super().__init__(base_layer, config, context)
         w = base_layer.weight
-        self.lora_A = nn.Parameter(torch.empty(config.r, self.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.r, dtype=w.dtype, device=w.device))
+        self.lora_A = nn.Parameter(torch.empty(config.r, self.in_features, dtype=self.adapter_dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.r, dtype=self.adapter_dtype, device=w.device))
         kaiming_uniform_(self.lora_A)
         self.scaling = config.scaling
 

@@ -105,7 +105,7 @@ class LoRAMixerLayer(ExpertBankLayer):
         w = base_layer.weight
         # Small random router: routing starts near uniform (loaded experts start near their average), and
         # ties do not send every token's top-1 to expert 0 (which the load statistics would report as collapse).
-        self.router = nn.Parameter(torch.empty(self.n_experts, self.in_features, dtype=w.dtype, device=w.device))
+        self.router = nn.Parameter(torch.empty(self.n_experts, self.in_features, dtype=self.adapter_dtype, device=w.device))
         nn.init.normal_(self.router, std=0.02)
         self.router_owner: tuple[LoRAMixerLayer, ...] = ()  # (q_proj's layer,) when this one shares its router
         self.router_stats = RouterStats(self, self.n_experts)
@@ -127,7 +127,7 @@ class LoRAMixerLayer(ExpertBankLayer):
         n_rows = self.lora_A.shape[0]
         # One GEMM for router logits and the shrink H = x A^T (the router reads the same input).
         logits, h = (x @ torch.cat([self.router_weight(), self.lora_A]).t()).split([self.n_experts, n_rows], dim=-1)
-        probs = torch.softmax(logits, dim=-1)
+        probs = torch.softmax(logits.float(), dim=-1)  # routing in fp32 whatever the compute dtype
         k = min(cfg.top_k, self.n_experts)
         if self.training or k in (0, self.n_experts):  # soft mixture (top-E renormalised is the same thing)
             self.record_routing(probs.argmax(-1, keepdim=True), probs)

@@ -77,7 +77,7 @@ class MixLoRALayer(AdapterLayer):
     def __init__(self, base_layer, config: MixLoRAConfig, context):
         super().__init__(base_layer, config, context)
         w = base_layer.weight
-        kw = dict(dtype=w.dtype, device=w.device)
+        kw = dict(dtype=self.adapter_dtype, device=w.device)
         e, r, d_in = config.num_factors, config.r, self.in_features
         # Pools stored as one [E, d] parameter each (not E parameters): the op indexes rows directly and
         # unselected rows get exact zero gradients (spec §3.9).
@@ -120,12 +120,14 @@ class MixLoRALayer(AdapterLayer):
     def route(self, pooled: torch.Tensor):
         """(idx_a [B, r], idx_b [B, r], selected A scores [B, r], selected B scores [B, r]); slots sorted by score."""
         cfg = self.config
-        scores_a = torch.softmax(pooled @ self.router_A.t(), dim=-1)
+        # Routing arithmetic in fp32 whatever the compute dtype (16-bit scores tie at the r-th place).
+        scores_a = torch.softmax((pooled @ self.router_A.t()).float(), dim=-1)
         top_a, idx_a = scores_a.topk(cfg.r, dim=-1, sorted=True)
-        scores_b = torch.softmax(pooled @ self.router_B.t(), dim=-1)
+        scores_b = torch.softmax((pooled @ self.router_B.t()).float(), dim=-1)
         if cfg.cond == "cfs":
             chosen_a = self.lora_A[idx_a]  # [B, r, d_in]: per sequence, not per token
-            q = torch.softmax(torch.einsum("bmd,mde->bme", chosen_a.to(pooled.dtype), self.router_AB), dim=-1).sum(1)
+            q = torch.softmax(torch.einsum("bmd,mde->bme", chosen_a.to(pooled.dtype), self.router_AB).float(),
+                              dim=-1).sum(1)
             scores_b = scores_b + cfg.ifs_weight * (torch.softmax(q, dim=-1) if cfg.cfs_fusion == "code" else q)
         top_b, idx_b = scores_b.topk(cfg.r, dim=-1, sorted=True)
         return idx_a, idx_b, top_a, top_b

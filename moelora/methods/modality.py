@@ -69,8 +69,8 @@ class ModalityLoRALayer(AdapterLayer):
         w = base_layer.weight
         self.block = max(config.rank(m) for m in MODALITIES)
         bank = len(MODALITIES) * self.block
-        self.lora_A = nn.Parameter(torch.zeros(bank, self.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, bank, dtype=w.dtype, device=w.device))
+        self.lora_A = nn.Parameter(torch.zeros(bank, self.in_features, dtype=self.adapter_dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, bank, dtype=self.adapter_dtype, device=w.device))
         with torch.no_grad():
             for i, m in enumerate(MODALITIES):
                 kaiming_uniform_(self.lora_A[i * self.block: i * self.block + config.rank(m)])

@@ -55,7 +55,7 @@ class SMoRALayer(AdapterLayer):
     def __init__(self, base_layer, config: SMoRAConfig, context):
         super().__init__(base_layer, config, context)
         w = base_layer.weight
-        kw = dict(dtype=w.dtype, device=w.device)
+        kw = dict(dtype=self.adapter_dtype, device=w.device)
         r, d_in = config.r, self.in_features
         self.lora_A = nn.Parameter(torch.empty(r, d_in, **kw))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))

@@ -87,7 +87,7 @@ class XLoRAClassifier(nn.Module):
         self.layers = nn.Sequential(*mods).to(device=device, dtype=dtype)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.layers(hidden)
+        logits = self.layers(hidden.to(self.layers[0].weight.dtype)).float()  # gates in fp32 (the base may be 16-bit)
         b, t = hidden.shape[:2]
         if self.cfg.layerwise_scalings:
             logits = logits.reshape(b, t, self.n_layers, self.n_experts)
@@ -175,8 +175,9 @@ class XLoRAModel(ExpertBankModel):
             raise ConfigError("method.hidden_size", f"is {method_config.hidden_size} but the base model's hidden "
                               f"size is {hidden} (leave it null to use the model's)")
         w = self.xlora_layers[0].base_layer.weight
-        self.xlora_classifier = XLoRAClassifier(method_config, hidden, len(self.xlora_layers),
-                                                len(method_config.expert_specs()), w.dtype, w.device)
+        self.xlora_classifier = self.place_adapter(XLoRAClassifier(method_config, hidden, len(self.xlora_layers),
+                                                                   len(method_config.expert_specs()), w.dtype,
+                                                                   w.device), like=w)
         self.scalings_logging = False
         self.scalings_log: list[torch.Tensor] = []
         self.latest_scalings: torch.Tensor | None = None

@@ -32,7 +32,7 @@ class MultimodalLoRAModel(MoELoRAModel):
         self.encoder_config = encoder_config or EncoderConfig()
         emb = base_model.get_input_embeddings()
         self.encoders = MultimodalEncoders(self.encoder_config, emb.embedding_dim, float(emb.weight.detach().float().std()))
-        self.encoders.to(device=emb.weight.device, dtype=emb.weight.dtype)
+        self.place_adapter(self.encoders, like=emb.weight)  # trainable: fp32 under a 16-bit LM, as the adapters
         self.media_enabled = True
         # Sharded data parallel (ZeRO-3) gathers a module's weights on every process that runs it, in step:
         # then every encoder must run in every training step on every process, on a tiny blank input when
