@@ -21,6 +21,8 @@ METHOD_CASES = {
               "layerwise_scalings": True},
     # fresh trainable task experts, top-2 of 3 per token (the gate loss needs sample_labels: tests/methods)
     "meteora": {"experts": 3, "r": 2, "alpha": 4, "top_k": 2, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+    # one shared rank-4 LoRA with 3 core experts, core-space router; dropout off (the backends see the same masks)
+    "comol": {"r": 4, "num_experts": 3, "alpha": 8, "dropout": 0.0},
     # one LoRA per modality; the row's batch mixes text, image, audio and image+audio samples
     "modality": {"vision_r": 2, "vision_alpha": 4, "speech_r": 2, "speech_alpha": 4},
 }
