@@ -42,14 +42,20 @@ def main(argv: list[str] | None = None) -> dict:
     from moelora.model import MANIFEST_NAME
     from moelora.eval_suite import load_eval_examples, macro_average, needs_media, suite_task_names
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # found now, not after all the scoring
+        raise_error("--out", f"{out} is a file; --out names the folder the results go to")
     checkpoints = [Path(c) for c in args.checkpoint]
     manifests = [read_manifest(c, MANIFEST_NAME, read_json) for c in checkpoints]
     names = ([] if args.no_base else ["base"]) + [checkpoint_name(c) for c in checkpoints]
     if len(set(names)) != len(names):
         raise_error("--checkpoint", f"two models would share a name in the tables: {names}; give folders "
                     "distinct names (a folder called 'adapter' is named after its parent)")
-    trained_with = [m.get("training_config", {}) for m in manifests]
-    base_id = args.base_model or next((m["base_model"] for m in manifests if m.get("base_model")), None)
+    # (a hand-edited manifest may hold anything: only objects are read as training configs)
+    trained_with = [t if isinstance(t := m.get("training_config"), dict) else {} for m in manifests]
+    trained_with = [{**t, "data": t["data"] if isinstance(t.get("data"), dict) else {}} for t in trained_with]
+    base_id = args.base_model or next((m["base_model"] for m in manifests if isinstance(m.get("base_model"), str)
+                                       and m["base_model"]), None)
     if base_id is None:
         raise_error("--base-model", "no checkpoint names its base model; pass --base-model")
 
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     bar = tqdm(total=len(names) * len(mine), desc="evaluate", unit="task", disable=not state.is_main_process)
     results = {}
     for name, path in zip(names, ([None] if not args.no_base else []) + checkpoints):
-        model, tokenizer = load_model(path, base_id)
+        model, tokenizer = load_model(path, base_id, args.allow_non_finite)
         can_see_media = getattr(model, "media_tokens", None) is not None
         share = {t: examples[t] for t in mine if can_see_media or not needs_media(t)}
         part = score(model, tokenizer, share, args, bar, name)
@@ -90,7 +96,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     # --- 5. write per-model results, plots and the comparison ----------------------------------------
     if state.is_main_process:
-        out = Path(args.out)
         for name, res in results.items():
             res["average"] = macro_average(res["per_task"])
             write_model_results(out / name, name, res, settings, plots=not args.no_plots)
@@ -130,6 +135,8 @@ def parse_args(argv):
     parser.add_argument("--no-base", action="store_true", help="do not score the base model alone")
     parser.add_argument("--no-plots", action="store_true", help="skip the router-utilisation PNGs")
     parser.add_argument("--out", default="eval_results", help="output folder")
+    parser.add_argument("--allow-non-finite", action="store_true",
+                        help="load adapters holding NaN/inf weights anyway (to inspect a diverged run)")
     args = parser.parse_args(argv)
     if not args.checkpoint and args.no_base:
         parser.error("nothing to evaluate: give --checkpoint folders, or drop --no-base to score the base model")
@@ -167,7 +174,7 @@ def make_state():
     return PartialState()
 
 
-def load_model(path: Path | None, base_id: str):
+def load_model(path: Path | None, base_id: str, allow_non_finite: bool = False):
     """(model, tokenizer): the plain base model for `path=None`, else the adapter on a fresh base."""
     import moelora
     from moelora.base_models import resolve_base_model
@@ -176,7 +183,8 @@ def load_model(path: Path | None, base_id: str):
     if path is None:
         base.eval()
         return base, tokenizer
-    return moelora.MoELoRAModel.from_pretrained(base, path, base_model_id=base_id), tokenizer
+    return moelora.MoELoRAModel.from_pretrained(base, path, base_model_id=base_id,
+                                                allow_non_finite=allow_non_finite), tokenizer
 
 
 def score(model, tokenizer, examples_by_task: dict, args, bar, name: str) -> dict:

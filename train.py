@@ -64,7 +64,7 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     from moelora.evaluation import evaluate_exact_match, format_results_table
     from moelora.training.batches import BatchOrder
     from moelora.errors import ConfigError, TrainingError, short_repr
-    from moelora.training.output_dir import claim_output_dir
+    from moelora.training.output_dir import check_output_dir, claim_output_dir
     from moelora.training.metrics import MetricsLogger, name_layers, router_health, summarise_router_stats
     from moelora.training.state import (load_checkpoint, prune_checkpoints, read_trainer_state, resolve_resume,
                                         save_checkpoint)
@@ -101,6 +101,9 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     output_dir = run.output_dir = Path(cfg.output_dir)
     resume = resolve_resume(cfg.resume_from_checkpoint, output_dir)
     resumed_step = read_trainer_state(resume)["counters"]["step"] if resume is not None else None
+    # Another run's folder, a foreign or mismatched checkpoint: refused now, before the model loads
+    # (claim_output_dir checks again under the lock).
+    share_outcome(accelerator, lambda: check_output_dir(output_dir, cfg, resume) if is_main else None)
     set_seed(cfg.seed)
 
     # --- 4. base model and adapter --------------------------------------------------------------
@@ -131,9 +134,6 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     evaluating = bool(eval_examples) and (cfg.eval_before_training or cfg.eval_strategy != "no")
     check_positions(cfg, base.config, tokenizer, eval_examples if evaluating else [],
                     getattr(model, "media_tokens", None))
-    # Everything is checked: now (and only now) the output folder is locked, cleared or cut back, and written.
-    run.lock = share_outcome(accelerator, lambda: claim_output_dir(output_dir, cfg, resume, resumed_step)
-                             if is_main else None)
     order = BatchOrder(len(train_set), cfg.per_device_train_batch_size, accelerator.num_processes,
                        accelerator.process_index, cfg.seed)
     g = cfg.gradient_accumulation_steps
@@ -148,6 +148,11 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     counters = {"step": 0, "micro_step": 0, "skipped_steps": 0}
     if resume is not None:
         counters = load_checkpoint(resume, model, optimizer, scheduler)
+    # Everything is checked (config, data, model, checkpoint): now, and only now, the output folder is
+    # locked, cleared or cut back to the resumed step, and written.
+    run.lock = share_outcome(accelerator, lambda: claim_output_dir(output_dir, cfg, resume, resumed_step)
+                             if is_main else None)
+    if resume is not None:
         accelerator.print(f"resumed from {resume} at step {counters['step']}")
 
     deepspeed = accelerator.state.deepspeed_plugin is not None
@@ -180,7 +185,7 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     manifest = {"training_config": cfg.to_dict()}
     model.train()
     core.reset_router_stats()
-    bar = tqdm(total=max_steps, initial=counters["step"], desc="train", unit="step", disable=not is_main)
+    bar = run.progress = tqdm(total=max_steps, initial=counters["step"], desc="train", unit="step", disable=not is_main)
     def fresh_window():  # what the metrics of one logging interval are summed from
         return {"loss": 0.0, "aux": 0.0, "n": 0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
 
@@ -384,6 +389,7 @@ class RunRecord:
         self.output_dir: Path | None = None
         self.lock = None  # moelora.training.output_dir.RunLock, on the main process once the folder is claimed
         self.adapter_saved = False
+        self.progress = None  # the training progress bar: closed before any final message is printed
 
     def saved_note(self) -> str:
         from moelora.training.state import list_checkpoints
@@ -398,6 +404,8 @@ class RunRecord:
         return "stopped before the first checkpoint; nothing of the training was saved (save_steps keeps progress)"
 
     def release(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
         if self.lock is not None:
             self.lock.release()
 

@@ -24,6 +24,14 @@ from .errors import CheckpointError
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
+class WriteError(CheckpointError):
+    """A folder could not be written (e.g. the disk is full); names the outermost folder being saved."""
+
+    def __init__(self, path: Path, reason: str):
+        self.reason = reason
+        super().__init__(f"cannot write {path}: {reason}; nothing was replaced (the partial folder was removed)")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
     """Yield a temporary folder; on success it replaces `path` (the old one is removed only after)."""
@@ -32,13 +40,12 @@ def atomic_dir(path: str | os.PathLike):
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     except OSError as exc:
-        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise WriteError(path, exc.strerror or str(exc)) from None
     try:
         yield tmp
-    except OSError as exc:  # e.g. the disk filled up: the old folder is untouched, the partial one removed
+    except (OSError, WriteError) as exc:  # e.g. the disk filled up: the old folder is untouched, the partial one removed
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}; nothing was replaced "
-                              "(the partial folder was removed)") from None
+        raise WriteError(path, exc.reason if isinstance(exc, WriteError) else exc.strerror or str(exc)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
-from .errors import ConfigError
+from .errors import ConfigError, short_repr
 
 
 def suggest(name: str, options) -> str:
@@ -46,33 +46,33 @@ def check_value(key: str, value: Any, tp) -> Any:
                 return check_value(key, value, option)
             except ConfigError as exc:
                 errors.append(exc)
-        raise ConfigError(key, f"expected {' or '.join(_type_name(o) for o in options)}, got {value!r}")
+        raise ConfigError(key, f"expected {' or '.join(_type_name(o) for o in options)}, got {short_repr(value)}")
     if origin is Literal:
         if value is False and "no" in get_args(tp):
             value = "no"  # YAML 1.1 reads a bare `no` (eval_strategy: no) as false
         if value not in get_args(tp):
-            raise ConfigError(key, f"expected one of {', '.join(map(repr, get_args(tp)))}, got {value!r}"
-                              f"{suggest(str(value), map(str, get_args(tp)))}")
+            raise ConfigError(key, f"expected one of {', '.join(map(repr, get_args(tp)))}, got {short_repr(value)}"
+                              f"{suggest(value if isinstance(value, str) else '', map(str, get_args(tp)))}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(key, f"expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(key, f"expected a list, got {type(value).__name__} {short_repr(value)}")
         (item_tp, *_) = get_args(tp) or (Any,)
         return [check_value(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a mapping, got {type(value).__name__} {value!r}")
+            raise ConfigError(key, f"expected a mapping, got {type(value).__name__} {short_repr(value)}")
         kt, vt = get_args(tp) or (Any, Any)
         return {check_value(key, k, kt): check_value(f"{key}.{k}", v, vt) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(key, f"expected true/false, got {value!r}")
+            raise ConfigError(key, f"expected true/false, got {short_repr(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(key, f"expected an integer, got {value!r}")
+            raise ConfigError(key, f"expected an integer, got {short_repr(value)}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string: accept numeric text
@@ -81,11 +81,11 @@ def check_value(key: str, value: Any, tp) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"expected a number, got {value!r}")
+            raise ConfigError(key, f"expected a number, got {short_repr(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(key, f"expected a string, got {value!r}")
+            raise ConfigError(key, f"expected a string, got {short_repr(value)}")
         return value
     if isinstance(tp, type) and issubclass(tp, StrictConfig):
         if isinstance(value, tp):
@@ -126,6 +126,15 @@ class StrictConfig:
         if not isinstance(data, dict):
             raise ConfigError(prefix or cls.__name__, f"expected a mapping, got {type(data).__name__}")
         names = cls.field_names()
+        aliases = {a: f for a, f in getattr(cls, "aliases", {}).items() if f in names}
+        if any(a in data for a in aliases):
+            data = dict(data)
+            for alias, field in aliases.items():
+                if alias in data:
+                    if field in data:
+                        raise ConfigError(f"{prefix}.{alias}" if prefix else alias,
+                                          f"is PEFT's name for '{field}'; give only one of them")
+                    data[field] = data.pop(alias)
         for key in data:
             if key not in names:
                 where = f"{prefix}.{key}" if prefix else key
@@ -157,9 +166,14 @@ class MethodConfig(StrictConfig):
     method_name: ClassVar[str] = ""
     _prefix: ClassVar[str] = "method"
 
-    # Module names to adapt: a list matches the last component of a module's name (PEFT's rule);
-    # a string is a regular expression matched against the full name.
-    target_modules: list[str] | str = dataclasses.field(default_factory=lambda: list(ALL_LINEAR))
+    # Module names to adapt, PEFT's rules (moelora/targets.py): list entries match a name or its dotted
+    # suffix, "all-linear" every linear but the head, another string is a regex over full names.
+    # None: the architecture's default (every projection of a block; see `default_targets`).
+    target_modules: list[str] | str | None = None
+    # What target_modules=None adapts: "all" projections of a block, or only the "attention" ones.
+    default_targets: ClassVar[str] = "all"
+    # PEFT's key names, accepted in dicts/YAML for the same fields (from_dict).
+    aliases: ClassVar[dict[str, str]] = {"lora_alpha": "alpha", "lora_dropout": "dropout"}
     # Dropout on the adapter input (the router reads the same dropped-out input, as in the references).
     dropout: float = 0.0
     # PEFT's name and default: trainable adapter tensors live in fp32 under a bf16/fp16 base, so small AdamW

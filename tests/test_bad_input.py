@@ -21,6 +21,37 @@ def _file(tmp, name, text):
     return str(path)
 
 
+def _rows(tmp, name, *rows):
+    return _file(tmp, name, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _parquet_float_response(tmp):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(tmp) / "floats.parquet"
+    pq.write_table(pa.table({"task": ["t"], "instruction": ["half of 3"], "response": [1.5]}), path)
+    return str(path)
+
+
+def _alias_bomb(tmp):
+    """A YAML alias bomb: 10**6 strings when expanded (a billion with three more levels), in 2 kB of text."""
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for prev, name in zip("abcde", "bcdef"):
+        levels.append(f"{name}: &{name} [{', '.join(['*' + prev] * 10)}]")
+    return _file(tmp, "bomb.yaml", "seed: {" + ", ".join(levels) + "}\n")
+
+
+def _empty_trainer_state(tmp):
+    ckpt = Path(tmp) / "elsewhere" / "checkpoint-1"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    return str(ckpt)
+
+
+MIXER_STAGE1 = "method={name: lora_mixer, experts: [add, reverse_word], stage: joint_stage1, r: 2}"
+
+
 CLI_CASES = [
     ("unknown key", lambda t: ["learning_rat=1e-4"], "config key 'learning_rat': unknown key for RunConfig (did you mean 'learning_rate'?)"),
     ("misspelt method key", lambda t: ["method.kk=3"], "config key 'method.kk': unknown key for SMoRAConfig (did you mean 'k'?)"),
@@ -53,6 +84,49 @@ CLI_CASES = [
     ("unwritable output dir", lambda t: [f"output_dir={_file(t, 'a_file', 'x')}/run"], "config key 'output_dir': cannot write to"),
     ("invalid YAML config", lambda t: ["--config", _file(t, "bad.yaml", "method: [unclosed")], "is not valid YAML"),
     ("config is not a mapping", lambda t: ["--config", _file(t, "list.yaml", "- a\n- b\n")], "must hold a mapping of keys"),
+    # issue 14, item 6: values that used to be accepted and silently trained something wrong
+    ("negative max_grad_norm", lambda t: ["max_grad_norm=-1"], "config key 'max_grad_norm': must be >= 0 and finite (0 turns clipping off), got -1.0"),
+    ("zero epochs", lambda t: ["max_steps=-1", "num_train_epochs=0"], "config key 'num_train_epochs': must be > 0 and finite, got 0.0"),
+    ("NaN learning rate", lambda t: ["learning_rate=.nan"], "config key 'learning_rate': must be > 0 and finite, got nan"),
+    ("duplicate YAML key", lambda t: ["--config", _file(t, "dup.yaml", "max_steps: 1\nseed: 1\nmax_steps: 2\n")],
+     "config key '--config': key 'max_steps' is given twice in one mapping, at line 3"),
+    ("empty output_dir", lambda t: ["output_dir="], "config key 'output_dir': '' is not a run folder"),
+    ("output_dir is the root", lambda t: ["output_dir=/"], "config key 'output_dir': '/' is not a run folder"),
+    ("negative save_steps", lambda t: ["save_steps=-1"], "config key 'save_steps': must be >= 0 (0: never), got -1"),
+    ("max_length beyond the model's positions", lambda t: ["data.max_length=1024"],
+     "config key 'data.max_length': 1024 exceeds the 512 positions of base model tiny-random-llama"),
+    ("generation beyond the model's positions", lambda t: ["eval_max_new_tokens=600"],
+     "config key 'eval_max_new_tokens': 600 new tokens after the longest evaluation prompt"),
+    # item 7: used to end in a traceback
+    ("negative weight_decay", lambda t: ["weight_decay=-1"], "config key 'weight_decay': must be >= 0 and finite"),
+    ("negative seed", lambda t: ["seed=-1"], "config key 'seed': must be in [0, 2**32 - 1]"),
+    ("huge seed", lambda t: [f"seed={2**70}"], "config key 'seed': must be in [0, 2**32 - 1]"),
+    ("negative num_threads", lambda t: ["num_threads=-1"], "config key 'num_threads': must be >= 0"),
+    ("NaN epochs", lambda t: ["max_steps=-1", "num_train_epochs=.nan"], "config key 'num_train_epochs': must be > 0 and finite, got nan"),
+    ("target regex that does not compile", lambda t: ['method={name: lora, target_modules: "(["}'],
+     "config key 'method.target_modules': is not a valid regular expression"),
+    ("rank too large to allocate", lambda t: ["method.r=10000000000"], "config key 'method': the adapter does not fit in memory"),
+    ("override into a scalar", lambda t: ["method.r.foo=1"], "config key 'method.r.foo': 'method.r' holds a value (8), not a section"),
+    ("override into a list", lambda t: ["method={name: lora, target_modules: [q_proj]}", "method.target_modules.0=k_proj"],
+     "config key 'method.target_modules.0': 'method.target_modules' holds a value (['q_proj']), not a section"),
+    ("YAML alias bomb", lambda t: ["--config", _alias_bomb(t)], "config key 'seed': expected an integer, got {'a': ['x'"),
+    ("DeepSpeed file is not JSON", lambda t: [f"deepspeed={_file(t, 'ds.json', '{zero: 2')}"], "config key 'deepspeed': " ),
+    ("DeepSpeed file holds a list", lambda t: [f"deepspeed={_file(t, 'ds.json', '[1, 2]')}"],
+     "must hold a JSON object of DeepSpeed settings, got a list"),
+    ("chat row with only an assistant message",
+     lambda t: [f"data.train_files=[{_rows(t, 'chat.jsonl', {'task': 'a', 'messages': [{'role': 'assistant', 'content': 'hi'}]})}]"],
+     "'messages' has nothing before its assistant message"),
+    ("resume from an empty trainer state", lambda t: [f"resume_from_checkpoint={_empty_trainer_state(t)}"],
+     "trainer_state.json: 'counters' must hold non-negative integers step, micro_step and skipped_steps, got None"),
+    # item 8: words that named the wrong problem
+    ("numeric task field", lambda t: [f"data.train_files=[{_rows(t, 'num.jsonl', {'task': 3, 'instruction': 'a', 'response': 'b'})}]"],
+     "row index 0: task field 'task' must be a task name (a string), got int 3"),
+    ("Parquet float column", lambda t: [f"data.train_files=[{_parquet_float_response(t)}]"],
+     "row index 0: 'response' must be text (or an integer), got float 1.5"),
+    ("directory named like a data file", lambda t: [f"data.train_files=[{(Path(t) / 'd.jsonl').mkdir() or Path(t) / 'd.jsonl'}]"],
+     "d.jsonl' is a directory, not a file"),
+    ("stage-1 task without an expert", lambda t: [MIXER_STAGE1],
+     "config key 'method.experts': stage joint_stage1 routes each sample to the expert named after its task, and task 'sort_asc' has none"),
 ]
 
 
@@ -64,9 +138,11 @@ def test_train_cli_bad_input(tmp_path, capsys, case, setup, message):
         args.append(f"output_dir={tmp_path / 'out'}")
     code = train.cli(args)
     err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("error: ") and message in err, err
+    assert code == 2, err[:2000]
+    assert err.startswith("error: ") and message in err, err[:2000]
     assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert len(err) < 800, f"the message prints {len(err)} characters"  # values are capped (short_repr)
+    assert not (tmp_path / "out").exists(), "bad input must stop the run before anything is written"
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 
-from moelora.errors import DataError
+from moelora.errors import DataError, short_repr
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -35,6 +35,8 @@ def _read_rows(path: str) -> list[dict]:
     ext = os.path.splitext(path)[1].lower()
     if ext not in _BUILDERS:
         raise DataError(f"data file '{path}': unsupported extension '{ext}'; use .jsonl, .json or .parquet")
+    if os.path.isdir(path):
+        raise DataError(f"data file '{path}' is a directory, not a file")
     if not os.path.isfile(path):
         raise DataError(f"data file '{path}' does not exist")
     if _is_blank(path):
@@ -95,7 +97,10 @@ def _text(value) -> str | None:
 def _normalise(path, i: int, row: dict, task_field: str) -> dict:
     where = f"data file '{path}', row index {i}"
     task = row.get(task_field)
-    if not isinstance(task, str) or not task.strip():
+    if task is not None and not isinstance(task, str):
+        raise DataError(f"{where}: task field '{task_field}' must be a task name (a string), got "
+                        f"{type(task).__name__} {short_repr(task)}")
+    if task is None or not task.strip():
         raise DataError(f"{where}: missing or empty task field '{task_field}' (every row needs one)")
     task = task.strip()
     if row.get("messages") is not None:
@@ -109,7 +114,16 @@ def _normalise(path, i: int, row: dict, task_field: str) -> dict:
             clean.append({"role": m["role"], "content": _text(m["content"])})
         if not any(m["role"] == "assistant" for m in clean):
             raise DataError(f"{where}: 'messages' has no assistant message to learn from")
+        last = max(j for j, m in enumerate(clean) if m["role"] == "assistant")
+        if last == 0:
+            raise DataError(f"{where}: 'messages' has nothing before its assistant message (no user or "
+                            "system message to answer)")
         return {"task": task, "messages": clean}
+    for field in ("instruction", "input", "response", "output"):
+        value = row.get(field)
+        if value is not None and _text(value) is None:  # e.g. a Parquet float column: not "missing"
+            raise DataError(f"{where}: '{field}' must be text (or an integer), got {type(value).__name__} "
+                            f"{short_repr(value)}")
     instruction = _text(row.get("instruction"))
     if not instruction:
         raise DataError(f"{where}: needs 'instruction' + 'response'/'output', or 'messages'")

@@ -22,6 +22,9 @@ from ..multimodal.encoders import EncoderConfig
 from ..registry import config_from_dict, get_method
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the optimizer's arithmetic is float32
+
+
 @dataclasses.dataclass
 class DataConfig(StrictConfig):
     _prefix = "data"
@@ -138,6 +141,12 @@ class RunConfig(StrictConfig):
                 bound = f">= {low:g}" if inclusive else f"> {low:g}"
                 extra = " (0 turns clipping off)" if name == "max_grad_norm" else ""
                 raise self.error(name, f"must be {bound} and finite{extra}, got {value}")
+        # AdamW multiplies float32 weights by learning_rate / (1 - beta1) (10x on the first step) and by
+        # learning_rate * weight_decay: a scalar beyond float32's range stops the optimizer with an overflow.
+        if self.learning_rate * 10 >= FLOAT32_MAX or self.learning_rate * self.weight_decay >= FLOAT32_MAX:
+            raise self.error("learning_rate", f"must be below {FLOAT32_MAX / 10:.3g} (and learning_rate * "
+                             f"weight_decay below {FLOAT32_MAX:.3g}): AdamW's step must fit float32, got "
+                             f"{self.learning_rate}")
         if not 0 <= self.seed < 2**32:
             raise self.error("seed", f"must be in [0, 2**32 - 1] (what numpy's generator takes), got {short_repr(self.seed)}")
         for name in ("num_threads", "save_steps", "eval_steps"):
