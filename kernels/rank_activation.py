@@ -2,33 +2,40 @@
 
     y[n] = out[n] + s * sum_j g[n, j] * B[:, blk(iB[n, j])] @ (A[blk(iA[n, j]), :] @ x[n])
 
-Layers, as in ScatterMoE: `@triton.jit` kernels -> thin launchers -> one autograd.Function whose
-forward/backward read like the math -> `rank_activation_triton` (same signature as the torch path).
+Layers, as in ScatterMoE: `@triton.jit` kernels -> thin launchers -> two PyTorch operators
+(`torch.ops.moelora.rank_activation_fwd` / `_bwd`, registered with torch.library, the backward through
+`register_autograd`) -> `rank_activation_triton` (same signature as the torch path). Being operators,
+they are captured whole by torch.compile(fullgraph=True) and CUDA graphs: on a GPU they are `triton_op`s,
+so Inductor sees the kernels and launches them itself; under the interpreter they are opaque `custom_op`s
+whose fake implementation is the same code with the launches skipped.
 
 Every routing pattern runs as "dense shrink -> route -> dense expand" over all R = E*block ranks:
 at the ranks these methods use the branch is memory-bound, so skipping inactive ranks saves FLOPs
-that do not bind (DESIGN.md). Routing runs once per token in one kernel that writes the gated H_g
-([N, R] fp32, small) for a plain expand GEMM, never as an [N, k, d] gather. Nothing uses atomics: weight gradients are split over tokens into fp32
-partials that torch sums in a fixed order, so results are bitwise reproducible on one machine.
+that do not bind (DESIGN.md). Where routing is elementwise on H (dense gates, shared selections, plain
+LoRA) it runs in the shrink GEMM's epilogue; otherwise (MixLoRA's separate selections, or a split shrink)
+once per token in a routing kernel that also sums the split-K partials. Nothing uses atomics: long
+reductions are split into fp32 partials summed in a fixed order, so results are bitwise reproducible.
 
 CPU: set TRITON_INTERPRET=1 *before* importing this module (Triton reads it at decoration time).
 """
 
-from __future__ import annotations
-
 import dataclasses
 import functools
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensor
 
-__all__ = ["rank_activation_triton", "RankActivation", "Tiles", "tiles_for", "INTERPRET"]
+__all__ = ["rank_activation_triton", "Tiles", "tiles_for", "INTERPRET", "DENSE", "SAME", "SEPARATE", "UNGATED"]
 
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 
-# Routing modes (a constexpr in the kernels).
-DENSE, SAME, SEPARATE = 0, 1, 2
+# Routing modes (a constexpr in the kernels). UNGATED is plain LoRA (no gates: H_g = H).
+DENSE, SAME, SEPARATE, UNGATED = 0, 1, 2, 3
+# tl.dot operand dtypes, as constexpr codes (plain ints travel through torch.compile's kernel capture).
+_F32, _F16, _BF16 = 0, 1, 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -36,19 +43,60 @@ DENSE, SAME, SEPARATE = 0, 1, 2
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
+def _to_compute(x, COMPUTE: tl.constexpr):
+    if COMPUTE == 1:
+        y = x.to(tl.float16)
+    elif COMPUTE == 2:
+        y = x.to(tl.bfloat16)
+    else:
+        y = x.to(tl.float32)
+    return y
+
+
+@triton.jit
+def _load_sum(ptr, stride_s, n_split, offs, mask):
+    """fp32 sum of ptr[s * stride_s + offs] over the n_split slices of a split-K partial buffer, in a
+    fixed order (deterministic); n_split = 1 is a plain load."""
+    acc = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    for s in range(1, n_split):
+        acc += tl.load(ptr + offs + s * stride_s, mask=mask, other=0.0).to(tl.float32)  # s * stride_s < 2**31 (a buffer size)
+    return acc
+
+
+@triton.jit
+def _gate_tile(idx_ptr, g_ptr, stride_idx, stride_g, rows64, row_mask, ranks, mask, n_slots, n_blocks, block,
+               ROUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Per-rank gate [BLOCK_M, BLOCK_R] where routing is elementwise on H: DENSE gathers one gate per block;
+    SAME sums the gates of the slots that select each rank's block (-1 and out-of-range slots match nothing)."""
+    if ROUTE == 0:
+        gate = tl.load(g_ptr + rows64[:, None] * stride_g + (ranks // block)[None, :], mask=mask,
+                       other=0.0).to(tl.float32)
+    else:
+        gate = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for j in range(n_slots):
+            i = tl.load(idx_ptr + rows64 * stride_idx + j, mask=row_mask, other=-1)
+            g = tl.load(g_ptr + rows64 * stride_g + j, mask=row_mask, other=0.0).to(tl.float32)
+            hit = ((ranks // block)[None, :] == i[:, None]) & (i < n_blocks)[:, None] & mask
+            gate += tl.where(hit, g[:, None], 0.0)
+    return gate
+
+
+@triton.jit
 def _matmul_kernel(
-    a_ptr, b_ptr, c_ptr, add_ptr, M, N, K, k_per_split, alpha,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn, stride_add,
-    ADD: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+    a_ptr, b_ptr, c_ptr, add_ptr, hg_ptr, idx_ptr, g_ptr,
+    M, N, K, k_per_split, alpha, n_slots, n_blocks, block,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn, stride_add, stride_idx, stride_g,
+    ADD: tl.constexpr, GATE: tl.constexpr, ROUTE: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """C[s] = alpha * A[:, Ks] @ B[Ks, :] (+ ADD[:, :]) for the s-th slice Ks of K (program axis 2), fp32
     accumulate.
 
     Strides make transposes free (dA = dH^T x reads dH column-major). With one slice, C is the result;
-    with several, C is an fp32 [S, M, N] partial buffer the launcher sums (deterministic split-K). ADD
+    with several, C is an fp32 [S, M, N] partial buffer its consumer sums (deterministic split-K). ADD
     (one slice only) adds a row-major [M, N] input in the epilogue (vLLM's ADD_INPUTS): the expand adds the
-    base output there, so y is read and written exactly once.
+    base output there, so y is read and written exactly once. GATE (one slice, the shrink H = x A^T)
+    also stores H_g = H * gate in the epilogue (ROUTE: DENSE or SAME), so no routing kernel runs.
     """
     pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -65,22 +113,26 @@ def _matmul_kernel(
         b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         # Casting after the load is also the interpreter's bf16 workaround (COMPUTE is fp32 there).
-        acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=PRECISION)
+        acc = tl.dot(_to_compute(a, COMPUTE), _to_compute(b, COMPUTE), acc, input_precision=PRECISION)
     acc = acc * alpha
     mask = m_mask[:, None] & n_mask[None, :]
     if ADD:
         acc += tl.load(add_ptr + offs_m[:, None] * stride_add + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    c = c_ptr + pid_s * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    offs_c = offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptr + offs_c + pid_s * stride_cs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    if GATE:
+        gate = _gate_tile(idx_ptr, g_ptr, stride_idx, stride_g, offs_m, m_mask, offs_n, mask, n_slots, n_blocks,
+                          block, ROUTE, BLOCK_M, BLOCK_N)
+        tl.store(hg_ptr + offs_c, acc * gate, mask=mask)
 
 
 @triton.jit
 def _route(
-    src_ptr, stride_src, isrc_ptr, idst_ptr, g_ptr, stride_idx, stride_g,
-    rows, row_mask, ranks, rank_mask, n_slots, n_blocks, block,
+    src_ptr, stride_ss, n_split, stride_src, isrc_ptr, idst_ptr, g_ptr, stride_idx, stride_g,
+    rows64, row_mask, ranks, mask, n_slots, n_blocks, block,
     ROUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Routed [BLOCK_M, BLOCK_R] tile of an [N, R] rank matrix (fp32):
+    """Routed [BLOCK_M, BLOCK_R] tile of an [N, R] rank matrix (fp32; src may be split-K partials):
 
         dst[m, c] = sum_j g[m, j] * src[m, isrc[m, j]*block + c - idst[m, j]*block]   for c in blk(idst[m, j])
 
@@ -89,22 +141,7 @@ def _route(
     """
     # One branch per constexpr mode and a single return: Triton compiles code after an early
     # return in a constexpr branch too, and it would not type-check with dense mode's dummy pointers.
-    rows64 = rows.to(tl.int64)
-    mask = row_mask[:, None] & rank_mask[None, :]
-    if ROUTE == 0:  # DENSE: gates [N, E], one per block, a gathered load (no slot loop)
-        tile = tl.load(src_ptr + rows64[:, None] * stride_src + ranks[None, :], mask=mask, other=0.0)
-        gate = tl.load(g_ptr + rows64[:, None] * stride_g + (ranks // block)[None, :], mask=mask, other=0.0)
-        res = tile.to(tl.float32) * gate.to(tl.float32)
-    elif ROUTE == 1:  # SAME (iA == iB): a per-rank gate mask on the contiguous tile, as the torch path
-        tile = tl.load(src_ptr + rows64[:, None] * stride_src + ranks[None, :], mask=mask, other=0.0)
-        gmask = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for j in range(n_slots):
-            i = tl.load(isrc_ptr + rows64 * stride_idx + j, mask=row_mask, other=-1)
-            g = tl.load(g_ptr + rows64 * stride_g + j, mask=row_mask, other=0.0).to(tl.float32)
-            hit = ((ranks // block)[None, :] == i[:, None]) & (i < n_blocks)[:, None] & mask
-            gmask += tl.where(hit, g[:, None], 0.0)
-        res = tile.to(tl.float32) * gmask
-    else:  # SEPARATE (iA != iB): gather block isrc of each row and move it onto the ranks of block idst
+    if ROUTE == 2:  # SEPARATE (iA != iB): gather block isrc of each row and move it onto the ranks of block idst
         res = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for j in range(n_slots):
             i_src = tl.load(isrc_ptr + rows64 * stride_idx + j, mask=row_mask, other=-1)
@@ -113,22 +150,28 @@ def _route(
             valid = (i_src >= 0) & (i_src < n_blocks) & (i_dst >= 0) & (i_dst < n_blocks)
             hit = ((ranks // block)[None, :] == i_dst[:, None]) & valid[:, None] & mask
             cols = ranks[None, :] + ((i_src - i_dst) * block)[:, None]
-            v = tl.load(src_ptr + rows64[:, None] * stride_src + cols, mask=hit, other=0.0)
-            res += g[:, None] * v.to(tl.float32)
+            res += g[:, None] * _load_sum(src_ptr, stride_ss, n_split, rows64[:, None] * stride_src + cols, hit)
+    else:
+        res = _load_sum(src_ptr, stride_ss, n_split, rows64[:, None] * stride_src + ranks[None, :], mask)
+        if ROUTE != 3:  # DENSE or SAME: a per-rank gate on the contiguous tile (UNGATED: none)
+            res = res * _gate_tile(isrc_ptr, g_ptr, stride_idx, stride_g, rows64, row_mask, ranks, mask, n_slots,
+                                   n_blocks, block, ROUTE, BLOCK_M, BLOCK_R)
     return res
 
 
 @triton.jit
 def _routing_kernel(
-    h_ptr, dhg_ptr, idx_a_ptr, idx_b_ptr, g_ptr, hg_ptr, dh_ptr, dg_ptr,
-    N, R, n_slots, n_blocks, block,
-    stride_h, stride_dhg, stride_idx, stride_g, stride_hg, stride_dh, stride_dg,
-    ROUTE: tl.constexpr, STORE_HG: tl.constexpr, STORE_DH: tl.constexpr, STORE_DG: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+    h_ptr, dhg_ptr, idx_a_ptr, idx_b_ptr, g_ptr, h_out_ptr, hg_ptr, dh_ptr, dg_ptr,
+    N, R, n_slots, n_blocks, block, h_splits, dhg_splits,
+    stride_hs, stride_h, stride_dhgs, stride_dhg, stride_idx, stride_g, stride_dg,
+    ROUTE: tl.constexpr, STORE_H: tl.constexpr, STORE_HG: tl.constexpr, STORE_DH: tl.constexpr,
+    STORE_DG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Per token tile, the routing and its backward (all [N, R] fp32 except dg), each computed once per token:
-    H_g = route(H) (the forward's expand input, and dB's), dH = route^T(dH_g) (for dX, dA) and
-    dg[n, j] = <dH_g[blk iB], H[blk iA]>."""
+    """Per token tile, the routing and its backward, each computed once per token. H and dH_g may be split-K
+    partial buffers ([S, N, R] fp32), summed here rather than in a launch of their own.
+    Forward: H (summed, STORE_H, saved for backward) and H_g = route(H) (the expand's input).
+    Backward: H_g (dB's input), dH = route^T(dH_g) (dX's, dA's) and dg[n, j] = <dH_g[blk iB], H[blk iA]>.
+    Outputs are contiguous [N, R] (dg: [N, k] or [N, E]); stores cast to each output's dtype."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
@@ -136,44 +179,66 @@ def _routing_kernel(
     slots = tl.arange(0, BLOCK_S)
     dg = tl.zeros((BLOCK_M, BLOCK_S), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
-        ranks = r0 + tl.arange(0, BLOCK_R)
-        rank_mask = ranks < R
-        mask = row_mask[:, None] & rank_mask[None, :]
+        ranks = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        mask = row_mask[:, None] & (ranks < R)[None, :]
+        offs = rows64[:, None] * R + ranks[None, :]
+        if STORE_H:
+            h = _load_sum(h_ptr, stride_hs, h_splits, rows64[:, None] * stride_h + ranks[None, :], mask)
+            tl.store(h_out_ptr + offs, h, mask=mask)
         if STORE_HG:
-            hg = _route(h_ptr, stride_h, idx_a_ptr, idx_b_ptr, g_ptr, stride_idx, stride_g,
-                        rows, row_mask, ranks, rank_mask, n_slots, n_blocks, block, ROUTE, BLOCK_M, BLOCK_R)
-            tl.store(hg_ptr + rows64[:, None] * stride_hg + ranks[None, :], hg, mask=mask)
+            hg = _route(h_ptr, stride_hs, h_splits, stride_h, idx_a_ptr, idx_b_ptr, g_ptr, stride_idx, stride_g,
+                        rows64, row_mask, ranks, mask, n_slots, n_blocks, block, ROUTE, BLOCK_M, BLOCK_R)
+            tl.store(hg_ptr + offs, hg.to(hg_ptr.dtype.element_ty), mask=mask)
         if STORE_DH:
-            dh = _route(dhg_ptr, stride_dhg, idx_b_ptr, idx_a_ptr, g_ptr, stride_idx, stride_g,
-                        rows, row_mask, ranks, rank_mask, n_slots, n_blocks, block, ROUTE, BLOCK_M, BLOCK_R)
-            tl.store(dh_ptr + rows64[:, None] * stride_dh + ranks[None, :], dh, mask=mask)
-        if STORE_DG and ROUTE != 0:
+            dh = _route(dhg_ptr, stride_dhgs, dhg_splits, stride_dhg, idx_b_ptr, idx_a_ptr, g_ptr, stride_idx,
+                        stride_g, rows64, row_mask, ranks, mask, n_slots, n_blocks, block, ROUTE, BLOCK_M, BLOCK_R)
+            tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=mask)
+        if STORE_DG and (ROUTE == 1 or ROUTE == 2):
             # Partial <dH_g, H> of each slot over this rank chunk, on the A-side ranks.
-            h = tl.load(h_ptr + rows64[:, None] * stride_h + ranks[None, :], mask=mask, other=0.0).to(tl.float32)
+            h = _load_sum(h_ptr, stride_hs, h_splits, rows64[:, None] * stride_h + ranks[None, :], mask)
             for j in range(n_slots):
                 ia = tl.load(idx_a_ptr + rows64 * stride_idx + j, mask=row_mask, other=-1)
                 ib = tl.load(idx_b_ptr + rows64 * stride_idx + j, mask=row_mask, other=-1)
                 valid = (ia >= 0) & (ia < n_blocks) & (ib >= 0) & (ib < n_blocks)
                 hit = ((ranks // block)[None, :] == ia[:, None]) & valid[:, None] & mask
                 cols = ranks[None, :] + ((ib - ia) * block)[:, None]
-                v = tl.load(dhg_ptr + rows64[:, None] * stride_dhg + cols, mask=hit, other=0.0)
-                part = tl.sum(v.to(tl.float32) * h, axis=1)
+                v = _load_sum(dhg_ptr, stride_dhgs, dhg_splits, rows64[:, None] * stride_dhg + cols, hit)
+                part = tl.sum(v * h, axis=1)
                 dg += tl.where(slots[None, :] == j, part[:, None], 0.0)
     if STORE_DG:
         if ROUTE == 0:
             # Dense: dg[n, e] = sum_t dH_g[n, e*b+t] * H[n, e*b+t], a strided walk over the block.
             for e0 in range(0, n_blocks, BLOCK_S):
-                es = e0 + slots
+                es = (e0 + slots).to(tl.int64)
                 emask = row_mask[:, None] & (es < n_blocks)[None, :]
                 acc = tl.zeros((BLOCK_M, BLOCK_S), dtype=tl.float32)
                 for t in range(block):
                     c = (es * block + t)[None, :]
-                    acc += (tl.load(dhg_ptr + rows64[:, None] * stride_dhg + c, mask=emask, other=0.0).to(tl.float32)
-                            * tl.load(h_ptr + rows64[:, None] * stride_h + c, mask=emask, other=0.0).to(tl.float32))
-                tl.store(dg_ptr + rows64[:, None] * stride_dg + es[None, :], acc, mask=emask)
+                    acc += (_load_sum(dhg_ptr, stride_dhgs, dhg_splits, rows64[:, None] * stride_dhg + c, emask)
+                            * _load_sum(h_ptr, stride_hs, h_splits, rows64[:, None] * stride_h + c, emask))
+                tl.store(dg_ptr + rows64[:, None] * stride_dg + es[None, :], acc.to(dg_ptr.dtype.element_ty),
+                         mask=emask)
         else:
             smask = row_mask[:, None] & (slots < n_slots)[None, :]
-            tl.store(dg_ptr + rows64[:, None] * stride_dg + slots[None, :], dg, mask=smask)
+            tl.store(dg_ptr + rows64[:, None] * stride_dg + slots[None, :], dg.to(dg_ptr.dtype.element_ty),
+                     mask=smask)
+
+
+@triton.jit
+def _sum_slices_kernel(src1, dst1, numel1, splits1, src2, dst2, numel2, splits2, BLOCK: tl.constexpr):
+    """dst = the sum of the slices of an fp32 [S, numel] split-K partial buffer, cast to dst's dtype, for two
+    buffers in one launch (the weight gradients dA and dB): programs [0, cdiv(numel1, BLOCK)) sum the
+    first, the rest the second."""
+    pid = tl.program_id(0)
+    first = tl.cdiv(numel1, BLOCK)
+    if pid < first:
+        offs = (pid * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+        mask = offs < numel1
+        tl.store(dst1 + offs, _load_sum(src1, numel1, splits1, offs, mask).to(dst1.dtype.element_ty), mask=mask)
+    else:
+        offs = ((pid - first) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+        mask = offs < numel2
+        tl.store(dst2 + offs, _load_sum(src2, numel2, splits2, offs, mask).to(dst2.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,9 +267,11 @@ GPU_TILES = {
     "grad_a": Tiles(64, 128, 64, 4, 3),    # dA = dH^T x       M=ranks  N=d_in  K=tokens (split)
     "grad_b": Tiles(128, 64, 64, 4, 3),    # dB = s dY^T Hg    M=d_out  N=ranks K=tokens (split)
     "routing": Tiles(64, 64, 64, 4, 1),    # H_g, dH, dg       block_m=tokens block_n=ranks (no dot)
+    "sum": Tiles(1024, 1, 1, 4, 1),        # split-K sums      block_m=elements (no dot)
 }
 # The interpreter costs ~7 ms per program x loop trip whatever the tile, so use few, large tiles.
 INTERPRET_TILES = {name: Tiles(64, 64, 64, 1, 1) for name in GPU_TILES}
+INTERPRET_TILES["sum"] = Tiles(4096, 1, 1, 1, 1)
 
 
 def tiles_for(name: str, interpret: bool = INTERPRET) -> Tiles:
@@ -218,14 +285,14 @@ def _launch_opts(t: Tiles, dtype: torch.dtype) -> dict:
     return {"num_warps": t.num_warps, "num_stages": stages}
 
 
-def _compute(dtype: torch.dtype):
-    """tl.dot operand dtype and fp32 precision for an input dtype (accumulation is always fp32)."""
+def _compute(dtype: torch.dtype) -> tuple[int, str]:
+    """tl.dot operand dtype code and fp32 precision for an input dtype (accumulation is always fp32)."""
     if dtype == torch.float32:
         tf32 = torch.backends.cuda.matmul.allow_tf32 and not INTERPRET  # follow torch's fp32 matmul setting
-        return tl.float32, ("tf32" if tf32 else "ieee")
+        return _F32, ("tf32" if tf32 else "ieee")
     if INTERPRET and dtype == torch.bfloat16:  # bf16 arithmetic is broken in the interpreter
-        return tl.float32, "ieee"
-    return (tl.float16 if dtype == torch.float16 else tl.bfloat16), "ieee"
+        return _F32, "ieee"
+    return (_F16 if dtype == torch.float16 else _BF16), "ieee"
 
 
 @functools.lru_cache(maxsize=None)
@@ -233,129 +300,274 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _split_count(device: torch.device, grid_mn: int, k_tiles: int) -> int:
+    """Slices for a splittable reduction of k_tiles tiles with grid_mn output tiles (before clamping).
+    On a GPU: about one wave of programs, for a reduction of more than 16 tiles (a short one saved no
+    time and cost a launch). Under the interpreter: a few slices, so that tests exercise the path."""
+    if device.type == "cuda":
+        return triton.cdiv(_sm_count(device.index or 0), grid_mn) if k_tiles > 16 else 1
+    return triton.cdiv(4, grid_mn)
+
+
+def _static(*values) -> bool:
+    return all(isinstance(v, int) for v in values)  # SymInts (dynamic-shape tracing) are not cached
+
+
+@functools.lru_cache(maxsize=4096)
+def _gemm_plan_cached(m, n, k, tiles: Tiles, split: bool, device: torch.device):
+    return _gemm_plan_uncached(m, n, k, tiles, split, device)
+
+
+def _gemm_plan_uncached(m, n, k, tiles, split, device):
+    """(grid, slices, k_per_split) of one GEMM launch."""
+    grid_mn = triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n)
+    k_tiles = triton.cdiv(k, tiles.block_k)
+    splits = max(1, min(k_tiles, _split_count(device, grid_mn, k_tiles))) if split else 1
+    k_per_split = triton.cdiv(k_tiles, splits) * tiles.block_k
+    splits = triton.cdiv(k, k_per_split)
+    return (triton.cdiv(m, tiles.block_m), triton.cdiv(n, tiles.block_n), splits), splits, k_per_split
+
+
+def _gemm_plan(m, n, k, tiles, split, device):
+    """The launch plan of a GEMM, computed once per shape (the op is called with the same few shapes
+    every step, so a step does no launch arithmetic)."""
+    if _static(m, n, k):
+        return _gemm_plan_cached(m, n, k, tiles, split, device)
+    return _gemm_plan_uncached(m, n, k, tiles, split, device)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-def _matmul(a, b, *, alpha=1.0, out_dtype=torch.float32, tiles: Tiles, compute=torch.float32, split=False,
-            add=None):
+def _launch(kernel, grid, *args, **meta) -> None:
+    """Every Triton launch goes through here. On a GPU, `wrap_triton` makes the launch visible to
+    torch.compile (Inductor then launches the compiled kernel itself, without the JIT's per-call argument
+    binding) and is a plain launch otherwise. Under the interpreter the ops are opaque and their fake
+    implementation is this same code: fake tensors (shape propagation) launch nothing."""
+    if INTERPRET:
+        if not any(isinstance(a, FakeTensor) for a in args):
+            kernel[grid](*args, **meta)
+        return
+    torch.library.wrap_triton(kernel)[grid](*args, **meta)
+
+
+def _gemm(a, b, *, tiles: Tiles, compute: torch.dtype, alpha=1.0, out_dtype=torch.float32, split=False,
+          add=None, gate=None):
     """alpha * a @ b (+ add) with fp32 accumulation (a, b: 2-D, any strides; add: row-major [M, N]).
 
-    With split=True a long reduction is cut into slices whose fp32 partials torch sums (a fixed order:
-    deterministic). Used wherever one output side is only R wide (H, dH_g, dA, dB): 8192 tokens x R=64 in
-    128 x 64 tiles is 64 programs, half an H100. A short reduction is not split: the partial buffer and
-    the sum's launch would cost more than the idle SMs (the op is launch-bound at small d: DESIGN.md)."""
+    Returns (c, hg). c is the [M, N] result in out_dtype, or, when split=True cut the reduction into S > 1
+    slices, their fp32 [S, M, N] partials for the consumer to sum in a fixed order (deterministic). Used
+    wherever one output side is only R wide (H, dH_g, dA, dB): 8192 tokens x R=64 in 128 x 64 tiles is
+    64 programs, half an H100. gate = (route, idx, gates, block) on an unsplit shrink also stores
+    hg = route(c) from the epilogue (DENSE, SAME); hg is None otherwise."""
     (m, k), n = a.shape, b.shape[1]
     if m == 0 or n == 0 or k == 0:
-        return torch.zeros(m, n, device=a.device, dtype=out_dtype) if add is None else add.to(out_dtype)
-    grid_mn = triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n)
-    k_tiles = triton.cdiv(k, tiles.block_k)
-    splits = 1
-    if split and add is None:
-        if a.is_cuda:  # about one wave of programs, for a reduction of more than 16 tiles
-            splits = triton.cdiv(_sm_count(a.device.index or 0), grid_mn) if k_tiles > 16 else 1
-        else:  # the interpreter: a few slices, so that tests exercise the path
-            splits = triton.cdiv(4, grid_mn)
-        splits = max(1, min(k_tiles, splits))
-    k_per_split = triton.cdiv(k_tiles, splits) * tiles.block_k
-    splits = triton.cdiv(k, k_per_split)
-    c = torch.empty((splits, m, n) if splits > 1 else (1, m, n), device=a.device,
-                    dtype=torch.float32 if splits > 1 else out_dtype)
+        c = torch.zeros(m, n, device=a.device, dtype=out_dtype) if add is None else add.to(out_dtype, copy=True)
+        return c, (torch.zeros_like(c, dtype=torch.float32) if gate is not None else None)
+    grid, splits, k_per_split = _gemm_plan(m, n, k, tiles, split and add is None, a.device)
+    new = functools.partial(torch.empty, device=a.device)
+    c = new((splits, m, n), dtype=torch.float32) if splits > 1 else new((m, n), dtype=out_dtype)
+    gated = gate is not None and splits == 1
+    hg = new((m, n), dtype=torch.float32) if gated else None
+    route, idx, gates, block = gate if gated else (DENSE, None, None, 1)
     dot_dtype, precision = _compute(compute)
-    grid = (triton.cdiv(m, tiles.block_m), triton.cdiv(n, tiles.block_n), splits)
-    _matmul_kernel[grid](
-        a, b, c, add if add is not None else c, m, n, k, k_per_split, alpha,  # A, B, C, ADD, M, N, K, ..., alpha
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1),  # stride_am, stride_ak, stride_bk, stride_bn
-        c.stride(0), c.stride(1), c.stride(2),         # stride_cs (split), stride_cm, stride_cn
-        add.stride(0) if add is not None else 0,       # stride_add
-        ADD=add is not None, COMPUTE=dot_dtype, PRECISION=precision,
+    _launch(
+        _matmul_kernel, grid,
+        a, b, c, add if add is not None else c, hg if gated else c,        # A, B, C, ADD, H_g
+        idx if idx is not None else c, gates if gated else c,                # routing indices, gates
+        m, n, k, k_per_split, alpha,                                         # M, N, K, k_per_split, alpha
+        gates.shape[1] if gated else 0, n // block, block,                   # n_slots, n_blocks, block
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),                  # stride_am, _ak, _bk, _bn
+        c.stride(0) if splits > 1 else 0, c.stride(-2), c.stride(-1),        # stride_cs (split), _cm, _cn
+        add.stride(0) if add is not None else 0,                             # stride_add
+        idx.stride(0) if idx is not None else 0, gates.stride(0) if gated else 0,  # stride_idx, stride_g
+        ADD=add is not None, GATE=gated, ROUTE=route, COMPUTE=dot_dtype, PRECISION=precision,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, **_launch_opts(tiles, compute),
     )
-    return c[0] if splits == 1 else c.sum(0).to(out_dtype)
+    return c, hg
 
 
-def _route_args(idx_a, idx_b, gates, h):
-    """Pointers for the routing metadata; dense mode has none, so point at `h` (never read)."""
-    if idx_a is None:
-        return h, h, 0, gates.stride(0)
-    return idx_a, idx_b, idx_a.stride(0), gates.stride(0)
+def _slices(t):
+    """(slice count, slice stride, row stride) of an [N, R] matrix or an [S, N, R] partial buffer."""
+    return (t.shape[0], t.stride(0), t.stride(1)) if t.dim() == 3 else (1, 0, t.stride(0))
 
 
-def _routing(h, dhg, idx_a, idx_b, gates, block, route, n_slots, need_hg, need_dh, need_dg):
-    """(H_g, dH, dg) from H (and dH_g, for the last two); those not needed come back as None."""
-    n, r = h.shape
-    new = functools.partial(torch.empty, device=h.device, dtype=torch.float32)
-    hg = new(n, r) if need_hg else None
-    dh = new(n, r) if need_dh else None
-    dg = new(gates.shape) if need_dg else None
-    if n == 0 or not (need_hg or need_dh or need_dg):
-        return hg, dh, dg
+def _routing(h, dhg, idx_a, idx_b, gates, block, route, *, store_h=False, need_hg=False, need_dh=False,
+             need_dg=False, dh_dtype=torch.float32):
+    """(H, H_g, dH, dg) from H and dH_g ([N, R], or split-K partials [S, N, R] that are summed here); those
+    not asked for come back as None. H (store_h) is the summed H, for the backward."""
+    n, r = h.shape[-2:]
+    new = functools.partial(torch.empty, device=h.device)
+    h_out = new((n, r), dtype=torch.float32) if store_h else None
+    hg = new((n, r), dtype=torch.float32) if need_hg else None
+    dh = new((n, r), dtype=dh_dtype) if need_dh else None
+    dg = new(gates.shape, dtype=gates.dtype) if need_dg else None
+    if n == 0 or not (store_h or need_hg or need_dh or need_dg):
+        return h_out, hg, dh, dg
     t = tiles_for("routing")
     n_blocks = r // block
-    block_s = triton.next_power_of_2(min(n_blocks, 64) if route == DENSE else n_slots)
-    ia, ib, stride_idx, stride_g = _route_args(idx_a, idx_b, gates, h)
+    n_slots = gates.shape[1] if gates is not None and route != DENSE else 0
+    block_s = triton.next_power_of_2(min(n_blocks, 64) if route == DENSE else max(n_slots, 1))
     dhg_ = dhg if dhg is not None else h  # unused when neither dH nor dg is wanted
-    _routing_kernel[(triton.cdiv(n, t.block_m),)](
-        h, dhg_, ia, ib, gates,                                 # H, dH_g, iA, iB, gates
-        hg if need_hg else h, dh if need_dh else h, dg if need_dg else h,  # outputs (dummies unused)
-        n, r, n_slots, n_blocks, block,                         # N, R, n_slots, n_blocks, block
-        h.stride(0), dhg_.stride(0), stride_idx, stride_g,      # stride_h, stride_dhg, stride_idx, stride_g
-        r, r, dg.stride(0) if need_dg else 0,                   # stride_hg, stride_dh, stride_dg
-        ROUTE=route, STORE_HG=need_hg, STORE_DH=need_dh, STORE_DG=need_dg,
-        BLOCK_M=t.block_m, BLOCK_R=t.block_n, BLOCK_S=max(block_s, 1), **_launch_opts(t, torch.float32),
+    h_splits, stride_hs, stride_h = _slices(h)
+    dhg_splits, stride_dhgs, stride_dhg = _slices(dhg_)
+    ia = idx_a if idx_a is not None else h  # dense and ungated modes read no indices
+    ib = idx_b if idx_b is not None else ia
+    g = gates if gates is not None else h
+    _launch(
+        _routing_kernel, (triton.cdiv(n, t.block_m),),
+        h, dhg_, ia, ib, g,                                                   # H, dH_g, iA, iB, gates
+        h_out if store_h else h, hg if need_hg else h, dh if need_dh else h, dg if need_dg else h,  # outputs
+        n, r, n_slots, n_blocks, block, h_splits, dhg_splits,                 # N, R, n_slots, ..., splits
+        stride_hs, stride_h, stride_dhgs, stride_dhg,                         # H's, dH_g's slice / row strides
+        idx_a.stride(0) if idx_a is not None else 0,                          # stride_idx
+        gates.stride(0) if gates is not None else 0, dg.stride(0) if need_dg else 0,  # stride_g, stride_dg
+        ROUTE=route, STORE_H=store_h, STORE_HG=need_hg, STORE_DH=need_dh, STORE_DG=need_dg,
+        BLOCK_M=t.block_m, BLOCK_R=t.block_n, BLOCK_S=block_s, **_launch_opts(t, torch.float32),
     )
-    return hg, dh, dg
+    return h_out, hg, dh, dg
+
+
+def _sum_splits(results):
+    """Each (c, dtype): c itself when unsplit ([M, N]), else its [S, M, N] partials summed and cast to
+    dtype -- all of them in one launch (up to two: the weight gradients dA and dB)."""
+    todo = [(i, c, torch.empty(c.shape[1:], device=c.device, dtype=dt))
+            for i, (c, dt) in enumerate(results) if c is not None and c.dim() == 3]
+    out = [c for c, _ in results]
+    if not todo:
+        return out
+    assert len(todo) <= 2, "one launch sums at most two partial buffers"
+    t = tiles_for("sum")
+    (i1, c1, d1), (i2, c2, d2) = todo[0], (todo[1] if len(todo) == 2 else (None, todo[0][1], todo[0][2]))
+    n1, n2 = d1.numel(), (d2.numel() if len(todo) == 2 else 0)
+    _launch(_sum_slices_kernel, (triton.cdiv(n1, t.block_m) + triton.cdiv(n2, t.block_m),),
+            c1, d1, n1, c1.shape[0], c2, d2, n2, c2.shape[0],  # src1, dst1, numel1, splits1, then buffer 2
+            BLOCK=t.block_m, **_launch_opts(t, torch.float32))
+    for i, _, d in todo:
+        out[i] = d
+    return out
+
+
+def _matmul(a, b, *, tiles: Tiles, compute=torch.float32, alpha=1.0, out_dtype=torch.float32, split=False,
+            add=None):
+    """alpha * a @ b (+ add) as one tensor: `_gemm` with any split-K partials summed."""
+    return _sum_splits([(_gemm(a, b, tiles=tiles, compute=compute, alpha=alpha, out_dtype=out_dtype, split=split,
+                               add=add)[0], out_dtype)])[0]
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd
+# The operators: forward and backward as torch.library ops, the backward through register_autograd
 # ----------------------------------------------------------------------------------------------
 
-class RankActivation(torch.autograd.Function):
-    """y = out + s * route(H) B^T with H = x A^T (or the caller's h). Saves H (small), not H_g."""
+def _forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: Optional[torch.Tensor],
+             h: Optional[torch.Tensor], out: Optional[torch.Tensor], idx_a: Optional[torch.Tensor],
+             idx_b: Optional[torch.Tensor], scaling: float, block: int, route: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, H): y = out + s * route(H) B^T, H = x A^T (fp32, saved for the backward; empty when h is given)."""
+    ib = idx_b if route == SEPARATE else idx_a
+    if h is None:
+        gate = (route, idx_a, gates, block) if route in (DENSE, SAME) else None
+        hmat, hg = _gemm(x, A.t(), tiles=tiles_for("shrink"), compute=x.dtype, split=True, gate=gate)
+        if hmat.dim() == 3 or route == SEPARATE:  # split partials, or a gather across rank tiles
+            hmat, hg, _, _ = _routing(hmat, None, idx_a, ib, gates, block, route, store_h=True,
+                                      need_hg=route != UNGATED)
+        saved = hmat
+        hg = hmat if route == UNGATED else hg
+    else:
+        saved = x.new_empty(0, dtype=torch.float32)
+        hg = h if route == UNGATED else _routing(h, None, idx_a, ib, gates, block, route, need_hg=True)[1]
+    # Route once per token, then a plain GEMM: routing inside the expand would redo it for every
+    # output column tile (d_out / BLOCK_N times), which cost more than the GEMM itself on an H100.
+    y, _ = _gemm(hg, B.t(), alpha=scaling, out_dtype=B.dtype, tiles=tiles_for("expand"), compute=B.dtype, add=out)
+    return y, saved
 
-    @staticmethod
-    def forward(ctx, x, A, B, gates, h, out, idx_a, idx_b, scaling, block, route):
-        n_slots = gates.shape[1]
-        h_given = h is not None
-        if not h_given:
-            h = _matmul(x, A.t(), tiles=tiles_for("shrink"), compute=x.dtype, split=True)  # [N, R] fp32
-        # Route once per token, then a plain GEMM: routing inside the expand would redo it for every
-        # output column tile (d_out / BLOCK_N times), which cost more than the GEMM itself on an H100.
-        hg, _, _ = _routing(h, None, idx_a, idx_b, gates, block, route, n_slots, True, False, False)
-        y = _matmul(hg, B.t(), alpha=scaling, out_dtype=B.dtype, tiles=tiles_for("expand"), compute=B.dtype,
-                    add=out)
-        ctx.save_for_backward(None if h_given else x, None if h_given else A, B, gates, h, idx_a, idx_b)
-        ctx.meta = (scaling, block, route, n_slots, h_given, out is not None)
-        return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, A, B, gates, h, idx_a, idx_b = ctx.saved_tensors
-        scaling, block, route, n_slots, h_given, has_out = ctx.meta
-        need_x, need_a, need_b, need_g, need_h, need_out = ctx.needs_input_grad[:6]
-        need_dh = need_x or need_a or need_h
-        dy = dy.contiguous()
-        dx = dA = dB = dg = dh_in = None
-
-        dhg = None  # dL/dH_g = s * dY B                                          [N, R]
-        if need_dh or need_g:
-            dhg = _matmul(dy, B, alpha=scaling, tiles=tiles_for("grad_hg"), compute=B.dtype, split=True)
+def _backward(dy: torch.Tensor, x: Optional[torch.Tensor], A: Optional[torch.Tensor], B: torch.Tensor,
+              gates: Optional[torch.Tensor], h: torch.Tensor, idx_a: Optional[torch.Tensor],
+              idx_b: Optional[torch.Tensor], scaling: float, block: int, route: int, h_given: bool,
+              need_x: bool, need_a: bool, need_b: bool, need_g: bool, need_h: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB, dg, dh); an empty tensor for each gradient not asked for. h: the forward's H (or the
+    caller's h when h_given: then dh is its gradient and x, A get theirs through the caller's graph)."""
+    dy = dy.contiguous()
+    ib = idx_b if route == SEPARATE else idx_a
+    need_dh = need_h if h_given else (need_x or need_a)
+    dhg = None  # dL/dH_g = s * dY B, [N, R] or split partials
+    if need_dh or need_g:
+        dhg, _ = _gemm(dy, B, alpha=scaling, tiles=tiles_for("grad_hg"), compute=B.dtype, split=True)
+    dh_dtype = h.dtype if h_given else torch.float32
+    if route == UNGATED:  # H_g = H, dH = dH_g: a routing launch only to sum split partials
+        hg, dh, dg = h, None, None
+        if need_dh:
+            dh = dhg if dhg.dim() == 2 and dhg.dtype == dh_dtype else _routing(
+                dhg, dhg, None, None, None, block, UNGATED, need_dh=True, dh_dtype=dh_dtype)[2]
+    else:
         # H_g = route(H); dH = g-weighted dH_g moved back to the A ranks; dg = <dH_g, H> per slot.
-        hg, dh, dg = _routing(h, dhg, idx_a, idx_b, gates, block, route, n_slots, need_b, need_dh, need_g)
-        if need_b:  # dB = s * dY^T H_g, reduced over tokens
-            dB = _matmul(dy.t(), hg, alpha=scaling, out_dtype=B.dtype, tiles=tiles_for("grad_b"),
-                         compute=B.dtype, split=True)
-        if h_given:  # gradients reach x and A through the caller's graph that produced h
-            dh_in = dh.to(h.dtype) if need_h else None
-        else:
-            if need_x:  # dX = dH A
-                dx = _matmul(dh, A, out_dtype=x.dtype, tiles=tiles_for("grad_x"), compute=A.dtype)
-            if need_a:  # dA = dH^T x, reduced over tokens
-                dA = _matmul(dh.t(), x, out_dtype=A.dtype, tiles=tiles_for("grad_a"), compute=x.dtype, split=True)
-        if dg is not None:
-            dg = dg.to(gates.dtype)
-        return dx, dA, dB, dg, dh_in, (dy if need_out and has_out else None), None, None, None, None, None
+        _, hg, dh, dg = _routing(h, dhg, idx_a, ib, gates, block, route, need_hg=need_b, need_dh=need_dh,
+                                 need_dg=need_g, dh_dtype=dh_dtype)
+    dB = dA = dx = None
+    if need_b:  # dB = s * dY^T H_g, reduced over tokens
+        dB, _ = _gemm(dy.t(), hg, alpha=scaling, out_dtype=B.dtype, tiles=tiles_for("grad_b"), compute=B.dtype,
+                      split=True)
+    if not h_given:
+        if need_x:  # dX = dH A
+            dx, _ = _gemm(dh, A, out_dtype=x.dtype, tiles=tiles_for("grad_x"), compute=A.dtype)
+        if need_a:  # dA = dH^T x, reduced over tokens
+            dA, _ = _gemm(dh.t(), x, out_dtype=A.dtype, tiles=tiles_for("grad_a"), compute=x.dtype, split=True)
+    dB, dA = _sum_splits([(dB, B.dtype), (dA, A.dtype if A is not None else B.dtype)])
+    dh = dh if h_given else None
+    # Operator outputs may not alias each other: a fresh empty tensor for each gradient not computed.
+    return tuple(t if t is not None else dy.new_empty(0) for t in (dx, dA, dB, dg, dh))
+
+
+def _operator(name: str, fn):
+    """A torch.library operator moelora::<name> running fn. On a GPU a `triton_op`: torch.compile traces
+    into it and Inductor sees (and launches) the kernels. Under the interpreter, whose kernels cannot be
+    captured, an opaque `custom_op` named <name>_interpreted whose fake implementation is fn itself (no
+    launch on fake tensors). The names differ so that tests/kernels/conftest.py can reload this module
+    under the interpreter after another test imported it compiled; a reload in the same mode reuses the op."""
+    from torch._library.custom_ops import OPDEFS
+
+    qualname = f"moelora::{name}_interpreted" if INTERPRET else f"moelora::{name}"
+    if qualname in OPDEFS:
+        return OPDEFS[qualname]
+    if INTERPRET:
+        op = torch.library.custom_op(qualname, fn, mutates_args=())
+        op.register_fake(fn)
+        return op
+    return torch.library.triton_op(qualname, fn, mutates_args=())
+
+
+rank_activation_fwd = _operator("rank_activation_fwd", _forward)
+rank_activation_bwd = _operator("rank_activation_bwd", _backward)
+
+
+def _setup_context(ctx, inputs, output):
+    x, A, B, gates, h, out, idx_a, idx_b, scaling, block, route = inputs
+    h_given = h is not None
+    # Saved: H (small, fp32), not H_g (recomputed by the routing kernel); x and A only when they get gradients here.
+    ctx.save_for_backward(None if h_given else x, None if h_given else A, B, gates, h if h_given else output[1],
+                          idx_a, idx_b)
+    ctx.meta = (scaling, block, route, h_given, out is not None)
+    # The saved H is not an output anyone differentiates: no zero-filled gradient is made for it (a launch).
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _gradients(ctx, dy, _d_saved_h):
+    x, A, B, gates, h, idx_a, idx_b = ctx.saved_tensors
+    scaling, block, route, h_given, has_out = ctx.meta
+    need_x, need_a, need_b, need_g, need_h, need_out = ctx.needs_input_grad[:6]
+    need_x, need_a = need_x and not h_given, need_a and not h_given
+    dx, dA, dB, dg, dh = rank_activation_bwd(dy, x, A, B, gates, h, idx_a, idx_b, scaling, block, route, h_given,
+                                             need_x, need_a, need_b, need_g and gates is not None, need_h)
+    return (dx if need_x else None, dA if need_a else None, dB if need_b else None,
+            dg if need_g and gates is not None else None, dh if need_h else None,
+            dy if need_out and has_out else None, None, None, None, None, None)
+
+
+rank_activation_fwd.register_autograd(_gradients, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,20 +601,22 @@ def _check(x, A, B, idx_a, idx_b, gates, block, h, out):
     if (idx_a is None) != (idx_b is None):
         bad("give both idx_a and idx_b, or neither (dense routing)")
     if idx_a is None:
-        if gates.shape != (n, r // block):
+        if gates is not None and gates.shape != (n, r // block):
             bad(f"dense routing needs gates [N, E] = {(n, r // block)}; got {tuple(gates.shape)}")
     else:
         if idx_a.shape != idx_b.shape or idx_a.dim() != 2 or idx_a.shape[0] != n:
             bad(f"idx_a and idx_b must both be [N, k] with N={n}; got {tuple(idx_a.shape)}, {tuple(idx_b.shape)}")
         if idx_a.dtype not in (torch.int64, torch.int32) or idx_b.dtype != idx_a.dtype:
             bad(f"block indices must be int64 (or int32); got {idx_a.dtype}, {idx_b.dtype}")
-        if gates.shape != idx_a.shape:
-            bad(f"gates must match the indices' shape {tuple(idx_a.shape)}; got {tuple(gates.shape)}")
-        if not x.is_cuda and idx_a.numel():  # a host-side check costs nothing on CPU; on GPU it would sync
+        if gates is None or gates.shape != idx_a.shape:
+            bad(f"gates must match the indices' shape {tuple(idx_a.shape)}; got "
+                f"{None if gates is None else tuple(gates.shape)}")
+        # A host-side check costs nothing on CPU; on GPU it would sync, and torch.compile would break the graph.
+        if not x.is_cuda and idx_a.numel() and not torch.compiler.is_compiling():
             e = r // block
             if int(torch.minimum(idx_a, idx_b).min()) < -1 or int(torch.maximum(idx_a, idx_b).max()) >= e:
                 bad(f"block indices must lie in [-1, {e})")
-    if not gates.is_floating_point():
+    if gates is not None and not gates.is_floating_point():
         bad(f"gates must be floating point; got {gates.dtype}")
     if h is not None and (h.shape != (n, r) or not h.is_floating_point()):
         bad(f"h must be a float [N, R] = {(n, r)} tensor; got {tuple(h.shape)} {h.dtype}")
@@ -413,6 +627,7 @@ def _check(x, A, B, idx_a, idx_b, gates, block, h, out):
 def rank_activation_triton(x, A, B, idx_a, idx_b, gates, scaling, block=1, h=None, out=None):
     """Triton path of `moelora.ops.rank_activation` (same contract; see that function).
 
+    `gates=None` with dense routing is plain LoRA (a gate of 1 on every rank, no routing at all).
     `h`: when given, the forward uses it instead of computing x A^T, and its gradient goes to `h`
     (x and A get none from this op) -- exactly what the torch path does, so a caller that computed h
     from x and A (e.g. stacked with its router GEMM) gets the same dx and dA through its own graph.
@@ -426,15 +641,18 @@ def rank_activation_triton(x, A, B, idx_a, idx_b, gates, scaling, block=1, h=Non
         out = out.to(dt) if out is not None else None
     _check(x, A, B, idx_a, idx_b, gates, block, h, out)
     if idx_a is None:
-        route = DENSE
+        route = UNGATED if gates is None else DENSE
     elif idx_a is idx_b:
         route = SAME
     else:
         route = SEPARATE
-    x, A, B, gates = x.contiguous(), A.contiguous(), B.contiguous(), gates.contiguous()
-    h = h.contiguous() if h is not None else None
+    x, A, B = x.contiguous(), A.contiguous(), B.contiguous()
+    gates = gates.contiguous() if gates is not None else None
+    # SMoRA's h is a column slice of its [router | A] GEMM: rows may be strided, ranks must be contiguous.
+    h = h if h is None or h.stride(-1) == 1 else h.contiguous()
     out = out.contiguous() if out is not None else None
     if idx_a is not None:
         idx_a = idx_a.contiguous()
-        idx_b = idx_a if route == SAME else idx_b.contiguous()
-    return RankActivation.apply(x, A, B, gates, h, out, idx_a, idx_b, float(scaling), int(block), route)
+        idx_b = idx_b.contiguous() if route == SEPARATE else None  # SAME: one index tensor
+    y, _ = rank_activation_fwd(x, A, B, gates, h, out, idx_a, idx_b, float(scaling), int(block), route)
+    return y

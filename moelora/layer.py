@@ -22,12 +22,20 @@ except ImportError:  # transformers always has it today; keep the layer importab
     Conv1D = ()
 
 
+IGNORE_INDEX = -100  # the label cross-entropy ignores: a prompt (or padding) position
+
+
 class RoutingContext:
     """Per-forward facts every adapted layer may need, set by `MoELoRAModel.forward`."""
 
     def __init__(self):
         self.token_mask: torch.Tensor | None = None  # [batch, seq] bool: True for real (non-pad) tokens
         self.sample_labels: torch.Tensor | None = None  # [batch] int: e.g. task ids for routing by label
+        # [batch, seq] bool: True for the real tokens of the prompt, i.e. those the LM loss does not score
+        # (labels == -100). Set from the `labels` of a training/eval forward; None in generate(), whose
+        # input is the prompt itself. Per-sequence routers (MixLoRA) pool over it, so training routes from
+        # what generation will see.
+        self.prompt_mask: torch.Tensor | None = None
         self.aux_losses: list[torch.Tensor] = []  # router losses added by layers during this forward
         # Per-sequence routers (MixLoRA) route a generate() call once, on the prompt, and reuse that choice
         # for every decode step: `generating` says the forwards since `start_forward` are one generate call,
@@ -38,9 +46,16 @@ class RoutingContext:
         # classifier's per-token, per-layer scalings [batch, seq, layers, experts]); None otherwise.
         self.model_gates = None
 
-    def start_forward(self, attention_mask=None, sample_labels=None, generating: bool = False) -> None:
+    def start_forward(self, attention_mask=None, sample_labels=None, generating: bool = False,
+                      labels: torch.Tensor | None = None) -> None:
         self.token_mask = attention_mask.bool() if attention_mask is not None else None
         self.sample_labels = sample_labels
+        self.prompt_mask = None
+        if torch.is_tensor(labels) and labels.dim() == 2:  # elementwise: no host read
+            prompt = labels == IGNORE_INDEX
+            if self.token_mask is not None and self.token_mask.shape == labels.shape:
+                prompt = prompt & self.token_mask.to(prompt.device)
+            self.prompt_mask = prompt
         self.aux_losses = []
         self.generating = generating
         self.forward_id += 1
@@ -49,6 +64,13 @@ class RoutingContext:
         """The mask flattened to the layer's N tokens, or None when it does not describe this input
         (no mask given, or a cached generation step whose input is shorter than the mask)."""
         mask = self.token_mask
+        if mask is None or mask.numel() != n_tokens:
+            return None
+        return mask.reshape(-1)
+
+    def flat_prompt_mask(self, n_tokens: int) -> torch.Tensor | None:
+        """`prompt_mask` flattened to the layer's N tokens, or None when there is none for this input."""
+        mask = self.prompt_mask
         if mask is None or mask.numel() != n_tokens:
             return None
         return mask.reshape(-1)

@@ -117,8 +117,9 @@ class MoELoRAModel(nn.Module):
         by label. Router losses that layers add (e.g. LoRA-Mixer's SBL) are summed into `aux_loss` and,
         when the LM loss is computed (labels given), added to `loss`."""
         # Routers read the padding mask from the shared context; it stays set for the backward
-        # pass so gradient-checkpoint recomputation routes exactly as the forward did.
-        self.context.start_forward(attention_mask, sample_labels)
+        # pass so gradient-checkpoint recomputation routes exactly as the forward did. `labels` mark the
+        # prompt (-100 positions) for routers that route from it (RoutingContext.prompt_mask).
+        self.context.start_forward(attention_mask, sample_labels, labels=kwargs.get("labels"))
         self._check_token_ids(kwargs.get("input_ids", args[0] if args else None))
         out = self.base_model(*args, attention_mask=attention_mask, **kwargs)
         if self.context.aux_losses:

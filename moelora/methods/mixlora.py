@@ -5,7 +5,8 @@ Mixture of LoRA", ACL 2024, arXiv 2402.15896; code VT-NLP/MixLoRA). Not the TUDB
 A LoRA is a sum of rank-1 factors, ΔW = Σ_m b_m a_mᵀ. Each adapted linear keeps pools of E factors for
 A and for B and, per input *sequence*, assembles a rank-r ΔW from them (DESIGN §4.3):
 
-    x̄      = masked mean of the layer input over the sequence (padding excluded)
+    x̄      = mean of the layer input (before dropout) over the sequence's prompt tokens (the positions
+             whose label is -100; all real tokens when there are no labels, as in generate)
     I_A    = top-r(softmax(W_A x̄))                     sorted by score: slot m holds the m-th best
     p_B    = softmax(W_B x̄)                            IFS (cond: ifs)
            + w · softmax(Σ_m softmax(a_{I_A[m]} · W_AB[m]))   CFS (cond: cfs): conditioned on the chosen
@@ -21,8 +22,9 @@ selected scores and sg stop-gradient: the forward value is exactly 1 (the refere
 gradient of each selected score is that of the pair's gate, so W_A, W_B and W_AB all train.
 `router_train: none` reproduces the reference (routers frozen at their random init).
 
-Generation: the routing of a `generate` call is chosen once on the prompt (masked mean over the prompt)
-and kept for every decode step, so cached and uncached decoding agree (the reference re-routes on the
+Training and generation route from the same tokens: a training sequence is routed from its prompt (the
+-100 labels reach the layers as `RoutingContext.prompt_mask`), a `generate` call once from its prompt, and
+that choice is kept for every decode step, so cached and uncached decoding agree (the reference re-routes on the
 current token at every step; spec §3.8 item 3). The update always runs through `rank_activation` with
 separate A and B block indices: no per-instance ΔW is ever built.
 """
@@ -99,23 +101,40 @@ class MixLoRALayer(AdapterLayer):
         self.router_stats = RouterStats(self, e)  # load over the A pool, one count per sequence
         self._kept = None  # (context.forward_id, idx_a [B, r], idx_b [B, r]) chosen on a generate() prompt
         self._lead_shape = None
+        self._route_x = None  # this forward's layer input before dropout: what the router pools
 
     def router_parameters(self) -> list[nn.Parameter]:
         return [self.router_A, self.router_B] + ([self.router_AB] if self.config.cond == "cfs" else [])
 
     def forward(self, x, *args, **kwargs):
-        self._lead_shape = x.shape[:-1]  # [batch, seq]: where each sequence starts in the flattened input
-        return super().forward(x, *args, **kwargs)
+        # [batch, seq]: where each sequence starts in the flattened input; and the input before the adapter's
+        # dropout, which the router pools (the reference pools before dropout: routing is not random in training).
+        self._lead_shape, self._route_x = x.shape[:-1], x
+        try:
+            return super().forward(x, *args, **kwargs)
+        finally:
+            self._route_x = None
 
     # --- routing: one choice per sequence ------------------------------------------------------
     def pooled_input(self, x: torch.Tensor, n_seq: int) -> torch.Tensor:
-        """[n_seq, d_in]: each sequence's mean input, over its real tokens unless `pool_padding`."""
-        xs = x.view(n_seq, -1, x.shape[-1])
-        mask = None if self.config.pool_padding else self.context.flat_mask(x.shape[0])
-        if mask is None:
-            return xs.mean(1)
-        m = mask.view(n_seq, -1, 1).to(x.dtype)
-        return (xs * m).sum(1) / m.sum(1).clamp_min(1.0)
+        """[n_seq, d_in]: each sequence's mean input over its prompt tokens (`RoutingContext.prompt_mask`: the
+        positions whose label is -100), so training routes from exactly what generation routes from (the
+        prompt); over all its real tokens when the batch has no labels (generate) or the sequence has no
+        prompt position (labels = input_ids); over every position with `pool_padding` (the reference)."""
+        xs = x.view(n_seq, -1, x.shape[-1]).float()  # pooled in fp32 (a no-op for fp32 inputs)
+        dtype = self.router_A.dtype
+        if self.config.pool_padding:
+            return xs.mean(1).to(dtype)
+        mask = self.context.flat_mask(x.shape[0])
+        prompt = self.context.flat_prompt_mask(x.shape[0])
+        if mask is None and prompt is None:
+            return xs.mean(1).to(dtype)
+        m = torch.ones(n_seq, xs.shape[1], 1, dtype=xs.dtype, device=x.device) if mask is None else \
+            mask.view(n_seq, -1, 1).to(xs.dtype)
+        if prompt is not None:  # per sequence, without a host read: the prompt if it has one, else m
+            p = prompt.view(n_seq, -1, 1).to(xs.dtype)
+            m = torch.where(p.sum(1, keepdim=True) > 0, p, m)
+        return ((xs * m).sum(1) / m.sum(1).clamp_min(1.0)).to(dtype)
 
     def route(self, pooled: torch.Tensor):
         """(idx_a [B, r], idx_b [B, r], selected A scores [B, r], selected B scores [B, r]); slots sorted by score."""
@@ -149,7 +168,9 @@ class MixLoRALayer(AdapterLayer):
                                    f"{idx_a.shape[0]}")
             gates = x.new_ones(n_seq, self.config.r)
         else:
-            idx_a, idx_b, top_a, top_b = self.route(self.pooled_input(x, n_seq))
+            raw = self._route_x
+            source = raw.reshape(n, -1) if raw is not None and raw.numel() == x.numel() else x
+            idx_a, idx_b, top_a, top_b = self.route(self.pooled_input(source, n_seq))
             if self.config.router_train == "ste":  # value exactly 1, gradient into both routers
                 gates = 1.0 + (top_a - top_a.detach()) + (top_b - top_b.detach())
             else:

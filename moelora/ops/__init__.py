@@ -81,7 +81,5 @@ def rank_activation(
         op = _triton_op()
         if op is None:
             raise RuntimeError("MOELORA_BACKEND=triton but the Triton kernel could not be imported")
-        if gates is None:
-            gates = x.new_ones(x.shape[0], A.shape[0] // block)
-        return op(x, A, B, idx_a, idx_b, gates, scaling, block, h=h, out=out)
+        return op(x, A, B, idx_a, idx_b, gates, scaling, block, h=h, out=out)  # gates None: no routing at all
     return rank_activation_torch(x, A, B, idx_a, idx_b, gates, scaling, block, h=h, out=out)

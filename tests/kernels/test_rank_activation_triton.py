@@ -217,11 +217,7 @@ from triton.compiler import ASTSource
 from moelora.kernels import rank_activation as ra
 assert not ra.INTERPRET
 calls = []
-class Record:  # stands in for kernel[grid](...): records the launch instead of running it
-    def __init__(self, fn): self.fn = fn
-    def __getitem__(self, grid): return lambda *args, **kw: calls.append((self.fn, args, kw))
-for name in ("_matmul_kernel", "_routing_kernel"):
-    setattr(ra, name, Record(getattr(ra, name)))
+ra._launch = lambda kernel, grid, *args, **kw: calls.append((kernel, args, kw))  # record instead of running
 ra._check = lambda *args: None  # CPU tensors without the interpreter are refused otherwise
 PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64"}
 def source(fn, args, kw):  # the signature the JIT would build: 1 -> constexpr, multiples of 16 aligned
@@ -229,7 +225,7 @@ def source(fn, args, kw):  # the signature the JIT would build: 1 -> constexpr, 
     for i, (p, a) in enumerate(zip(fn.params, args)):
         if torch.is_tensor(a):
             sig[p.name] = PTR[a.dtype]; attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(a, bool) or a == 1:
+        elif isinstance(a, bool) or (isinstance(a, int) and a == 1):
             sig[p.name] = "constexpr"; consts[p.name] = a
         elif isinstance(a, int):
             sig[p.name] = "i32"
@@ -242,12 +238,15 @@ def source(fn, args, kw):  # the signature the JIT would build: 1 -> constexpr, 
     return ASTSource(fn, {p.name: sig[p.name] for p in fn.params}, consts, attrs), opts
 n, d = 256, 128
 for dtype in (torch.bfloat16, torch.float32):
-    for e, b, k, sep in ((64, 1, 8, False), (8, 16, 2, True), (8, 16, 0, False)):
-        x, A, B = (torch.randn(*s, dtype=dtype, requires_grad=True) for s in ((n, d), (e * b, d), (d, e * b)))
-        ia = torch.randint(0, e, (n, k)) if k else None
-        ib = torch.randint(0, e, (n, k)) if sep else ia
-        g = torch.rand(n, k or e, requires_grad=True)
-        ra.rank_activation_triton(x, A, B, ia, ib, g, 2.0, b, out=torch.randn(n, d, dtype=dtype)).sum().backward()
+    for split in (True, False):  # unsplit: the shrink's routing epilogue; split: the partial sums
+        ra._split_count = (lambda device, grid_mn, k_tiles: 2) if split else (lambda device, grid_mn, k_tiles: 1)
+        ra._gemm_plan_cached.cache_clear()
+        for e, b, k, sep in ((64, 1, 8, False), (8, 16, 2, True), (8, 16, 0, False), (4, 16, None, False)):
+            x, A, B = (torch.randn(*s, dtype=dtype, requires_grad=True) for s in ((n, d), (e * b, d), (d, e * b)))
+            ia = torch.randint(0, e, (n, k)) if k else None
+            ib = torch.randint(0, e, (n, k)) if sep else ia
+            g = torch.rand(n, k or e, requires_grad=True) if k is not None else None  # k None: plain LoRA
+            ra.rank_activation_triton(x, A, B, ia, ib, g, 2.0, b, out=torch.randn(n, d, dtype=dtype)).sum().backward()
 done = {}
 for fn, args, kw in calls:
     src, opts = source(fn, args, dict(kw))

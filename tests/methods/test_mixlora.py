@@ -214,3 +214,49 @@ def test_gradient_checkpointing_routes_and_counts_as_without(batch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert stats[0] == stats[1]  # recomputation inside backward is not counted twice
     assert all(s["tokens"] == 2 for s in stats[0].values())  # one routing decision per sequence
+
+
+def test_training_routes_from_the_prompt_as_generation_does():
+    """The factors chosen for a training sequence (prompt + response, labels -100 on the prompt) are those
+    chosen when generating from its prompt: both pool the prompt's tokens (causal attention: the prompt's
+    hidden states do not depend on the response)."""
+    base, _ = resolve_base_model("tiny-random-llama")
+    torch.manual_seed(0)
+    model = moelora.get_moelora_model(base, moelora.MixLoRAConfig(num_factors=8, r=2,
+                                                                  target_modules=["q_proj", "v_proj", "down_proj"]))
+    randomize_adapters(model, seed=3, scale=0.5)
+    chosen = {}
+    for name, layer in model.adapter_layers().items():
+        def route(pooled, layer=layer, name=name, route=layer.route):
+            out = route(pooled)
+            chosen.setdefault(name, (out[0].tolist(), out[1].tolist()))  # the first call: the prompt's choice
+            return out
+        layer.route = route
+    gen = torch.Generator().manual_seed(5)
+    prompt, response = torch.randint(3, 300, (1, 6), generator=gen), torch.randint(3, 300, (1, 10), generator=gen)
+    ids = torch.cat([prompt, response], 1)
+    labels = torch.cat([torch.full_like(prompt, -100), response], 1)
+    model.train()
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss.backward()
+    trained, chosen = chosen, {}
+    model.eval()
+    with torch.no_grad():
+        model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=2, do_sample=False)
+    assert len(chosen) == 6 and chosen == trained
+
+
+def test_routing_pools_the_input_before_dropout():
+    """With dropout on, a training forward selects the factors an eval forward selects (the reference pools
+    the layer input before dropout; pooling the dropped-out input would make training's routing random)."""
+    layer = _layer(num_factors=12, r=3, dropout=0.9)
+    x = torch.randn(4, 6, 6)
+    picks = []
+    for training in (False, True):
+        layer.train(training)
+        layer.context.start_forward(torch.ones(4, 6))
+        seen = []
+        real_route = MixLoRALayer.route.__get__(layer)
+        layer.route = lambda pooled: seen.append(real_route(pooled)) or seen[-1]
+        layer(x)
+        picks.append((seen[0][0].tolist(), seen[0][1].tolist()))
+    assert picks[0] == picks[1]
