@@ -127,10 +127,10 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
 
     if multimodal:  # each image/clip becomes a run of placeholder tokens; the collator batches the features
         train_set = encode_multimodal_examples(tokenizer, train_examples, cfg.data.max_length, model.media_tokens)
-        collate = MultimodalCollator(tokenizer.pad_token_id)
+        collate = MultimodalCollator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of or None)
     else:
         train_set = encode_examples(tokenizer, train_examples, cfg.data.max_length)
-        collate = Collator(tokenizer.pad_token_id)
+        collate = Collator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of or None)  # static shapes: data.pad_to_multiple_of
     evaluating = bool(eval_examples) and (cfg.eval_before_training or cfg.eval_strategy != "no")
     check_positions(cfg, base.config, tokenizer, eval_examples if evaluating else [],
                     getattr(model, "media_tokens", None))

@@ -37,12 +37,16 @@ class DataConfig(StrictConfig):
     n_train_per_task: int = 400  # generated training examples per built-in task
     n_eval_per_task: int = 32  # held-out examples per task: enough to separate 0% from 80% exact match
     max_length: int = 256  # tokens per example; the built-in tasks use well under 128
+    pad_to_multiple_of: int = 0  # pad batches to a multiple of this length (64: few shapes for compiled/CUDA-graph steps); 0: to the longest
 
     def validate(self):
         if self.max_length < 8:
             raise self.error("max_length", f"must be >= 8, got {self.max_length}")
         if self.n_train_per_task < 1 or self.n_eval_per_task < 0:
             raise self.error("n_train_per_task", "must be >= 1 (and n_eval_per_task >= 0)")
+        if self.pad_to_multiple_of < 0 or (self.pad_to_multiple_of and self.max_length % self.pad_to_multiple_of):
+            raise self.error("pad_to_multiple_of", f"must be >= 0 and divide max_length={self.max_length} (so that "
+                             f"no padded batch is longer than max_length); got {self.pad_to_multiple_of}")
 
 
 @dataclasses.dataclass
