@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -112,7 +112,10 @@ def resolve_expert_specs(experts, r: int, alpha: float, use_rslora: bool, key: s
 class ExpertsConfig(MethodConfig):
     """Fields of methods whose experts are LoRAs (LoRA-Mixer, X-LoRA)."""
 
-    target_modules: list[str] | str = dataclasses.field(default_factory=lambda: list(ATTENTION))  # attention projections
+    # None: the experts' own target_modules when they are PEFT folders, else the architecture's attention
+    # projections (moelora/targets.py)
+    target_modules: list[str] | str | None = None
+    default_targets: ClassVar[str] = "attention"
     experts: int | list[str] | dict[str, Any] = 4  # fresh count, fresh names, or {name: PEFT folder} (module doc)
     r: int = 8  # rank of fresh experts (PEFT folders bring their own): LoRA-8 per expert, as the X-LoRA anchors
     alpha: float = 16.0  # fresh experts' scaling alpha/r = 2, LLaMA-Factory's default alpha = 2r
@@ -131,6 +134,18 @@ class ExpertsConfig(MethodConfig):
             cached = (key, resolve_expert_specs(self.experts, self.r, self.alpha, self.use_rslora, self._key("experts")))
             self.__dict__["_specs"] = cached
         return cached[1]
+
+    def targets_from_inputs(self) -> list[str] | str | None:
+        """The `target_modules` the PEFT expert folders share (None when every expert is fresh)."""
+        folders = [s.path for s in self.expert_specs() if s.path is not None]
+        if not folders:
+            return None
+        found = {f: read_peft_lora_config(Path(f)).get("target_modules") for f in folders}
+        norm = {f: sorted(t) if isinstance(t, (list, tuple, set)) else t for f, t in found.items()}
+        if len({repr(t) for t in norm.values()}) > 1:
+            raise ConfigError(self._key("target_modules"), "is not given and the PEFT experts target different "
+                              f"modules ({norm}); set target_modules to the modules they share")
+        return next(iter(norm.values()))
 
     @property
     def expert_names(self) -> list[str]:

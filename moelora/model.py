@@ -11,6 +11,7 @@ The wrapper forwards everything else (generate, config, gradient checkpointing) 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import time
 from pathlib import Path
@@ -19,49 +20,97 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import atomic_dir, check_fingerprint, fingerprint, load_tensors, read_json, save_tensors, write_json
+from .checkpoint import (atomic_dir, check_fingerprint, first_non_finite, fingerprint, load_tensors, read_json,
+                         save_tensors, write_json)
 from .config import suggest
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError, MoeloraError, short_repr
 from .layer import AdapterLayer, RoutingContext, adapter_dtype_for, linear_dims
 from .registry import config_from_dict, get_method
+from .hf_trainer import FORWARD_SIGNATURE, fused_outputs, trainer_signature, watch_optimizer_steps
+from .targets import find_targets, resolve_default_targets  # noqa: F401  (find_targets: public here too)
 
 CONFIG_NAME = "moelora_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 MANIFEST_NAME = "manifest.json"
 
 
-def _is_adaptable(module: nn.Module) -> bool:
-    try:
-        linear_dims(module)
-        return True
-    except TypeError:
-        return False
+def check_token_ids(input_ids, vocab: int) -> None:
+    """An id outside the vocabulary would fail deep inside the embedding with an opaque index error (on a GPU,
+    a device-side assert). One read by the host (a GPU sync for a GPU tensor, none for a CPU batch)."""
+    if not torch.is_tensor(input_ids) or input_ids.numel() == 0:
+        return
+    low, high = torch.aminmax(input_ids)
+    if bool((low < 0) | (high >= vocab)):
+        low, high = int(low), int(high)
+        raise DataError(f"input_ids holds token id {high if high >= vocab else low}, outside the model's "
+                        f"vocabulary of {vocab} (is the tokenizer the base model's own?)")
 
 
-def find_targets(model: nn.Module, target_modules) -> list[str]:
-    """Names of the linear projections `target_modules` selects (PEFT's matching rules)."""
-    candidates = [n for n, m in model.named_modules() if n and _is_adaptable(m)]
-    if isinstance(target_modules, str):
-        names = [n for n in candidates if re.fullmatch(target_modules, n)]
-    else:
-        wanted = set(target_modules)
-        names = [n for n in candidates if n.split(".")[-1] in wanted]
-        leaves = {n.split(".")[-1] for n in candidates}
-        for t in wanted - leaves:
-            raise ConfigError("method.target_modules", f"no linear layer named '{t}' in this model"
-                              f"{suggest(t, leaves)}; available: {', '.join(sorted(leaves))}")
-    if not names:
-        raise ConfigError("method.target_modules", f"{target_modules!r} matched no linear layer")
-    return names
+def _argument_names(fn) -> tuple[str, ...]:
+    """The parameters a function's code declares (not its __signature__, which functools.wraps copies)."""
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    return code.co_varnames[:code.co_argcount + code.co_kwonlyargcount] if code is not None else ()
 
 
 class MoELoRAModel(nn.Module):
     """A base causal LM whose target projections are `AdapterLayer`s of one method."""
 
+    # transformers.Trainer: divide each micro-batch's loss by the accumulation steps instead of passing
+    # num_items_in_batch, so router losses (per micro-batch means) count once per optimizer step
+    accepts_loss_kwargs = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__:  # what Trainer reads: keep columns, labels = ['labels'] (hf_trainer.py)
+            cls.forward.__signature__ = trainer_signature(cls.forward)
+
+    def __setattr__(self, name, value):
+        # TRL replaces model.forward with a fused LM head that runs the base backbone around this forward;
+        # moelora serves fused_lm_head=True itself (routers keep the padding mask, router losses count).
+        if name == "forward" and "fused_lm_head" in _argument_names(value):
+            return
+        super().__setattr__(name, value)
+
+    def train(self, mode: bool = True):
+        if mode:
+            watch_optimizer_steps(self)  # router state updates after each optimizer step that trains this model
+        return super().train(mode)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model (adapter layers inside), as PEFT's method of the same name."""
+        return self.base_model
+
+    # A checkpoint of this model is its adapter: state_dict() holds what save_pretrained saves (under module
+    # paths), not the frozen base, so Trainer checkpoints are adapter-sized, tied embeddings never reach
+    # safetensors twice, and Trainer's resume (load_state_dict, strict=False) restores the adapter.
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        full = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        keep = {prefix + k for k in self.checkpoint_keys()}
+        for key in [k for k in full if k.startswith(prefix) and k not in keep]:
+            del full[key]
+        return full
+
+    def checkpoint_keys(self) -> list[str]:
+        """Module-path names of what a checkpoint holds: adapter tensors and whatever else trains."""
+        layers = {f"base_model.{name}.": layer for name, layer in self.adapter_layers().items()}
+        keys = [f"{p}{k}" for p, layer in layers.items() for k in layer.state_dict() if not k.startswith("base_layer.")]
+        keys += [n for n, p in self.named_parameters() if p.requires_grad and n not in keys]
+        return keys
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a `state_dict()` (adapter only): base weights may be absent, every adapter tensor must be there."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if k in set(self.checkpoint_keys())]
+        if strict and (missing or result.unexpected_keys):
+            raise CheckpointError(f"state dict does not fit this model: missing {missing[:3]}, "
+                                  f"unexpected {result.unexpected_keys[:3]}")
+        return type(result)(missing, result.unexpected_keys)
+
     def __init__(self, base_model: nn.Module, method_config, base_model_id: str | None = None):
         super().__init__()
         self.base_model = base_model
-        self.method_config = method_config
+        # target_modules None: the architecture's default, resolved here so the saved config names it
+        self.method_config = method_config = resolve_default_targets(base_model, method_config)
         self.base_model_id = base_model_id or getattr(getattr(base_model, "config", None), "_name_or_path", "") or ""
         self.base_fingerprint = fingerprint(base_model)
         self.context = RoutingContext()
@@ -115,7 +164,9 @@ class MoELoRAModel(nn.Module):
                 **kwargs):
         """The base model's forward. `sample_labels` ([batch] ints, e.g. task ids) reach routers that route
         by label. Router losses that layers add (e.g. LoRA-Mixer's SBL) are summed into `aux_loss` and,
-        when the LM loss is computed (labels given), added to `loss`."""
+        when the LM loss is computed (labels given), added to `loss`. `fused_lm_head=True` (TRL) returns
+        per-token log-probs instead of logits (moelora/hf_trainer.py)."""
+        fused_lm_head = kwargs.pop("fused_lm_head", False)
         # Routers read the padding mask from the shared context; it stays set for the backward
         # pass so gradient-checkpoint recomputation routes exactly as the forward did. `labels` mark the
         # prompt (-100 positions) for routers that route from it (RoutingContext.prompt_mask).
@@ -127,18 +178,15 @@ class MoELoRAModel(nn.Module):
             out["aux_loss"] = aux
             if out.get("loss") is not None:
                 out["loss"] = out["loss"] + aux
+        if fused_lm_head:
+            return fused_outputs(out, kwargs.get("labels"), kwargs.get("num_items_in_batch"), out.get("aux_loss"))
         return out
 
     def _check_token_ids(self, input_ids) -> None:
-        """An id outside the vocabulary would fail deep inside the embedding with an opaque index error."""
-        if not torch.is_tensor(input_ids) or input_ids.numel() == 0:
-            return
-        vocab = self.base_model.get_input_embeddings().num_embeddings
-        low, high = torch.aminmax(input_ids)
-        if bool((low < 0) | (high >= vocab)):  # one read by the host per forward (a GPU sync), not two
-            low, high = int(low), int(high)
-            raise DataError(f"input_ids holds token id {high if high >= vocab else low}, outside the model's "
-                            f"vocabulary of {vocab} (is the tokenizer the base model's own?)")
+        # Not while compiling: the host read would break the graph; compiled training checks each batch on the
+        # host before it moves to the device (train.py), where the read costs no GPU sync.
+        if not torch.compiler.is_compiling():
+            check_token_ids(input_ids, self.base_model.get_input_embeddings().num_embeddings)
 
     def generate(self, *args, attention_mask: torch.Tensor | None = None, sample_labels: torch.Tensor | None = None,
                  **kwargs):
@@ -148,12 +196,19 @@ class MoELoRAModel(nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         """Non-reentrant activation checkpointing on the base model (works although its inputs are frozen).
 
-        Routers count each token once: recomputation inside backward is not counted (`in_backward`)."""
+        Routers count each token once: recomputation inside backward is not counted (`in_backward`). Compiled,
+        dynamo refuses side effects inside a checkpointed region unless told that, as here, they must happen
+        once, in the forward, and not again in the recomputation: exactly the router bookkeeping's rule."""
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
         kwargs = {"use_reentrant": False}
         if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5.x name
             self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        # transformers also makes the embeddings' output require grad, which only reentrant checkpointing needs;
+        # a compiled graph cannot return such a tensor (an intermediate with requires_grad_ set).
+        if hasattr(self.base_model, "disable_input_require_grads"):
+            self.base_model.disable_input_require_grads()
 
     # --- adapter bookkeeping ----------------------------------------------------------------
     def adapter_layers(self) -> dict[str, AdapterLayer]:
@@ -191,6 +246,11 @@ class MoELoRAModel(nn.Module):
     def update_router_state(self, apply: bool = True) -> None:
         """Once per optimizer step: all-reduce every router's pending counts, then update its state.
         `apply=False` drops the pending counts instead (a skipped step must not move the routers)."""
+        # Once per step even when called twice (the optimizer hook, then train.py): with no forward since the
+        # last update there is nothing new to count, so no collective either (every process skips alike).
+        if self.__dict__.get("_router_state_at") == self.context.forward_id:
+            return
+        self.__dict__["_router_state_at"] = self.context.forward_id
         pending = [(layer, c) for layer in self.adapter_layers().values() if (c := layer.step_counts()) is not None]
         if not pending:
             return
@@ -242,7 +302,13 @@ class MoELoRAModel(nn.Module):
                     out[f"{name}.{key}"] = value
         return out
 
-    def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], where: str = "checkpoint") -> None:
+    def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], where: str = "checkpoint",
+                                allow_non_finite: bool = False) -> None:
+        """Copy saved adapter tensors in. NaN/inf weights are refused: they only ever come from a diverged
+        run and would generate garbage silently; `allow_non_finite=True` loads them anyway, for forensics."""
+        if not allow_non_finite and (bad := first_non_finite(tensors)) is not None:
+            raise CheckpointError(f"{where}: tensor '{bad}' holds NaN or infinite values (a diverged run); "
+                                  "refusing to load it (allow_non_finite=True loads it for inspection)")
         own = self.adapter_state_dict()
         missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
         if missing or unexpected:
@@ -274,6 +340,9 @@ class MoELoRAModel(nn.Module):
 
         tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
                    for k, v in (state if state is not None else self.adapter_state_dict()).items()}
+        if (bad := first_non_finite(tensors)) is not None:  # checked after the cast: fp16 can overflow to inf
+            raise CheckpointError(f"refusing to save a non-finite adapter to {path}: tensor '{bad}' holds NaN "
+                                  "or infinite values (the run diverged)")
         info = {"base_model": self.base_model_id, "base_fingerprint": self.base_fingerprint,
                 "moelora_version": __version__, "method": self.method_config.method_name,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(manifest or {})}
@@ -313,8 +382,9 @@ class MoELoRAModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, path: str | Path, base_model_id: str | None = None,
-                        is_trainable: bool = False) -> MoELoRAModel:
-        """Load a moelora adapter folder, or a PEFT LoRA folder, onto `base_model`."""
+                        is_trainable: bool = False, allow_non_finite: bool = False) -> MoELoRAModel:
+        """Load a moelora adapter folder, or a PEFT LoRA folder, onto `base_model`. An adapter holding
+        NaN/inf weights is refused unless `allow_non_finite=True` (for inspecting a diverged run)."""
         from .peft_compat import import_peft_lora
 
         path = Path(path)
@@ -322,15 +392,28 @@ class MoELoRAModel(nn.Module):
             raise CheckpointError(f"adapter folder not found: {path}")
         if (path / CONFIG_NAME).is_file():
             meta = read_json(path / CONFIG_NAME, "adapter config")
-            cfg = config_from_dict(dict(meta.get("config", {})), prefix=f"{path / CONFIG_NAME}")
+            if not isinstance(meta.get("config"), dict):
+                raise CheckpointError(f"adapter config {path / CONFIG_NAME}: 'config' must be a JSON object of "
+                                      f"the method's fields, got {short_repr(meta.get('config'))}")
+            cfg = config_from_dict(dict(meta["config"]), prefix=f"{path / CONFIG_NAME}")
             manifest = read_json(path / MANIFEST_NAME, "manifest") if (path / MANIFEST_NAME).is_file() else {}
             if "base_fingerprint" in manifest:
+                if not isinstance(manifest["base_fingerprint"], dict):
+                    raise CheckpointError(f"manifest {path / MANIFEST_NAME}: 'base_fingerprint' must be a JSON "
+                                          f"object, got {short_repr(manifest['base_fingerprint'])}")
                 check_fingerprint(manifest["base_fingerprint"], base_model, str(path))
             model_cls = get_method(cfg.method_name).model_cls or cls
             model = model_cls.from_saved_config(base_model, cfg, base_model_id or manifest.get("base_model"), meta)
-            model.load_adapter_state_dict(*model.read_adapter_files(path))
+            model.load_adapter_state_dict(*model.read_adapter_files(path), allow_non_finite=allow_non_finite)
         elif (path / "adapter_config.json").is_file():
-            model = import_peft_lora(cls, base_model, path, base_model_id)
+            try:
+                model = import_peft_lora(cls, base_model, path, base_model_id)
+            except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                if isinstance(exc, MoeloraError):
+                    raise
+                # a field of the wrong type or missing (r: "x", no "r"): name the file, not a traceback line
+                raise CheckpointError(f"PEFT adapter config {path / 'adapter_config.json'} has a missing or "
+                                      f"wrongly typed field: {type(exc).__name__}: {short_repr(str(exc))}") from None
         else:
             pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
             hint = f"; found only pickle files {pickles}, which moelora never loads" if pickles else ""
@@ -359,13 +442,17 @@ def get_moelora_model(base_model: nn.Module, config, base_model_id: str | None =
     return model_cls(base_model, config, base_model_id)
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for a released adapter folder: the base is resolved from its manifest."""
+def load(path: str | Path, dtype: torch.dtype = torch.float32, allow_non_finite: bool = False):
+    """(model, tokenizer) for a released adapter folder: the base is resolved from its manifest.
+    NaN/inf adapter weights are refused unless `allow_non_finite=True`."""
     from .base_models import resolve_base_model
 
     manifest = read_json(Path(path) / MANIFEST_NAME, "manifest")
     base_id = manifest.get("base_model")
-    if not base_id:
-        raise CheckpointError(f"{path}/{MANIFEST_NAME} names no base_model")
+    if not isinstance(base_id, str) or not base_id:
+        raise CheckpointError(f"{path}/{MANIFEST_NAME} names no base_model (a string), got {short_repr(base_id)}")
     base, tokenizer = resolve_base_model(base_id, dtype=dtype)
-    return MoELoRAModel.from_pretrained(base, path, base_model_id=base_id), tokenizer
+    return MoELoRAModel.from_pretrained(base, path, base_model_id=base_id, allow_non_finite=allow_non_finite), tokenizer
+
+
+MoELoRAModel.forward.__signature__ = FORWARD_SIGNATURE

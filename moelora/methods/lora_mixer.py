@@ -72,6 +72,12 @@ class LoRAMixerConfig(ExpertsConfig):
         if self.stage == "plug_and_play" and self.train_experts:
             raise self.error("train_experts", "stage plug_and_play trains the router only (use joint_stage2 "
                              "with train_experts: true to tune loaded experts under the preservation term)")
+        if self.stage == "plug_and_play" and self.init_from is None:
+            fresh = [s.name for s in self.expert_specs() if s.path is None and s.source is None]
+            if fresh:  # a router over frozen zero-initialised experts trains nothing: the loss stays flat
+                raise self.error("experts", f"stage plug_and_play routes over existing experts, but {fresh} are "
+                                 "fresh (zero updates, frozen); give PEFT folders ({name: path}) or init_from, "
+                                 "or train them with stage joint_stage2")
         if self.preserve_coef > 0 and not self.experts_trainable():
             raise self.error("preserve_coef", "acts on trainable experts only; these experts are frozen "
                              "(set train_experts: true, or preserve_coef: 0)")
@@ -252,6 +258,9 @@ class LoRAMixerModel(ExpertBankModel):
         meta = super().saved_config()
         # The checkpoint holds the weights init_from gave, and its trainability must not depend on re-reading files.
         meta["config"]["init_from"] = None
+        if self.method_config.init_from is not None:  # where the experts came from (plug_and_play needs one)
+            for spec in meta["config"]["experts"].values():
+                spec.setdefault("source", str(self.method_config.init_from))
         meta["config"]["train_experts"] = self.method_config.experts_trainable()
         return meta
 

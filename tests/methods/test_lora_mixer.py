@@ -251,8 +251,9 @@ def test_saved_checkpoint_does_not_need_the_expert_folders(experts, batch, tmp_p
 
 def test_bad_expert_folders_fail_clearly(experts, tmp_path):
     qv = save_peft_lora(tmp_path / "qv", r=2, alpha=4, targets=["q_proj", "v_proj"])
+    # target_modules given and wider than the expert's (left out, they would be the expert's own)
     with pytest.raises(moelora.CheckpointError, match=r"'qv'.*not in the expert: .*k_proj"):
-        _mixer(experts={"qv": qv})
+        _mixer(experts={"qv": qv}, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     pickle_only = tmp_path / "pickled"
     pickle_only.mkdir()
     (pickle_only / "adapter_config.json").write_text((tmp_path / "qv" / "adapter_config.json").read_text())
@@ -279,10 +280,12 @@ def test_config_validation_names_the_key(fields, key):
 
 def test_defaults_follow_design():
     cfg = moelora.LoRAMixerConfig()
-    assert cfg.target_modules == QKVO and cfg.top_k == 3 and cfg.renormalize_top_k
+    assert cfg.target_modules is None and cfg.top_k == 3 and cfg.renormalize_top_k  # None: the attention projections
+    assert _mixer().method_config.target_modules == QKVO  # ...of this (Llama) base
     assert (cfg.balance_coef, cfg.entropy_coef, cfg.preserve_coef) == (0.01, 0.01, 0.0)
     assert cfg.experts_trainable()  # fresh experts train with the router...
-    assert not moelora.LoRAMixerConfig(experts={"a": None}, stage="plug_and_play").experts_trainable()  # ...not here
+    with pytest.raises(moelora.ConfigError, match=r"method.experts.*plug_and_play.*\['a'\] are fresh"):
+        moelora.LoRAMixerConfig(experts={"a": None}, stage="plug_and_play")  # a router over zero experts: refused
 
 
 def test_stage1_evaluation_routes_each_prompt_by_its_task():
