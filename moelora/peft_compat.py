@@ -69,6 +69,58 @@ def import_peft_lora(model_cls, base_model, path: Path, base_model_id=None):
     return model
 
 
+def peft_base_name(model) -> str | None:
+    """What PEFT's `base_model_name_or_path` should hold: the base's local folder (absolute, so
+    AutoPeftModelForCausalLM finds it from anywhere) or its Hub id; None for bases built in code."""
+    name = str(getattr(getattr(model.base_model, "config", None), "_name_or_path", "") or "")
+    if name and Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
+    return HUB_IDS.get((model.base_model_id or "").split(":")[0]) or (name or None)
+
+
+# moelora's built-in base names -> the Hub id of the same weights (the zoo's cards name it for PEFT users)
+HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def peft_lora_config(cfg, base_name: str | None, target_modules, fan_in_fan_out: bool) -> dict:
+    """adapter_config.json for our LoRA config `cfg` (PEFT 0.13+ reads it)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name,
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": target_modules,
+        "use_rslora": cfg.use_rslora,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+
+
+def peft_tensors(tensors: dict) -> dict:
+    """Our adapter tensors (`<module>.lora_A`) under PEFT's names (`base_model.model.<module>.lora_A.weight`)."""
+    out = {}
+    for key, value in tensors.items():
+        name, _, leaf = key.rpartition(".")
+        out[f"{PEFT_PREFIX}{name}.{leaf}.weight"] = value
+    return out
+
+
+def peft_model_card(base_name: str | None, cfg) -> str:
+    """README.md of an exported folder: PEFT's model-card front matter and how to load it."""
+    base = base_name or "<the base model>"
+    return (f"---\nbase_model: {base}\nlibrary_name: peft\ntags:\n- lora\n- moelora\n---\n\n"
+            f"# LoRA adapter (r={cfg.r}, alpha={cfg.alpha:g}) exported by moelora\n\n"
+            f"A plain PEFT LoRA folder for `{base}`, adapting {cfg.target_modules}.\n\n"
+            "```python\nfrom peft import AutoPeftModelForCausalLM\n\n"
+            "model = AutoPeftModelForCausalLM.from_pretrained(\"<this folder>\")\n```\n\n"
+            "moelora reads it too: `moelora.MoELoRAModel.from_pretrained(base, \"<this folder>\")`.\n")
+
+
 def export_peft_lora(model, tensors: dict, folder: Path) -> None:
     cfg = model.method_config
     if cfg.method_name != "lora":
@@ -76,25 +128,12 @@ def export_peft_lora(model, tensors: dict, folder: Path) -> None:
                               "equivalent (save it with the default format)")
     from transformers.pytorch_utils import Conv1D
 
+    from .targets import linear_module_names, peft_target_modules
+
     layers = model.adapter_layers()
     conv1d = any(isinstance(layer.base_layer, Conv1D) for layer in layers.values())
-    write_json(folder / "adapter_config.json", {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": model.base_model_id or None,
-        "r": cfg.r,
-        "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout,
-        "target_modules": cfg.target_modules,
-        "use_rslora": cfg.use_rslora,
-        "fan_in_fan_out": conv1d,
-        "bias": "none",
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-    })
-    peft_tensors = {}
-    for key, value in tensors.items():
-        name, _, leaf = key.rpartition(".")
-        peft_tensors[f"{PEFT_PREFIX}{name}.{leaf}.weight"] = value
-    save_tensors(folder / "adapter_model.safetensors", peft_tensors, metadata={"format": "pt"})
+    targets = peft_target_modules(linear_module_names(model.base_model), list(layers))
+    base_name = peft_base_name(model)
+    write_json(folder / "adapter_config.json", peft_lora_config(cfg, base_name, targets, conv1d))
+    save_tensors(folder / "adapter_model.safetensors", peft_tensors(tensors), metadata={"format": "pt"})
+    (folder / "README.md").write_text(peft_model_card(base_name, cfg))

@@ -28,7 +28,8 @@ def front_matter(card: Path) -> dict:
 def test_every_checkpoint_is_released_with_card_and_results():
     assert {c.name for c in CARDS} == RELEASED
     for card in CARDS:
-        size_mb = sum(f.stat().st_size for f in card.rglob("*.safetensors")) / 1e6
+        # peft/ (plain-LoRA cards) is the same adapter in PEFT's format, counted once: test_peft_copies_...
+        size_mb = sum(f.stat().st_size for f in card.rglob("*.safetensors") if "peft" not in f.parent.name) / 1e6
         assert size_mb <= 12.0, f"{card.name}: {size_mb:.1f} MB"  # "~10 MB"; SMoRA's router makes it 11.8
         recorded = json.loads((card / "eval" / "results.json").read_text())
         index = front_matter(card)["model-index"][0]["results"]
@@ -38,6 +39,26 @@ def test_every_checkpoint_is_released_with_card_and_results():
             hits = [p["correct"] for p in recorded["predictions"] if p["task"] == task]
             assert em == pytest.approx(sum(hits) / len(hits))
         assert not list(card.glob("*.bin")) and not list(card.glob("*.pt"))
+
+
+def test_plain_lora_cards_ship_a_peft_copy_of_the_same_tensors():
+    from moelora.checkpoint import load_tensors
+    from moelora.peft_compat import peft_tensors
+
+    with_peft = set()
+    for card in CARDS:
+        meta = json.loads((card / "moelora_config.json").read_text())
+        if meta["method"] != "lora" or meta.get("encoders"):
+            assert not (card / "peft").exists()
+            continue
+        with_peft.add(card.name)
+        peft_cfg = json.loads((card / "peft" / "adapter_config.json").read_text())
+        assert peft_cfg["base_model_name_or_path"] == front_matter(card)["base_model"]
+        assert (peft_cfg["r"], peft_cfg["lora_alpha"]) == (meta["config"]["r"], meta["config"]["alpha"])
+        ours, theirs = peft_tensors(load_tensors(card / "adapter_model.safetensors")), load_tensors(card / "peft" / "adapter_model.safetensors")
+        assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
+        assert "peft/" in (card / "README.md").read_text()
+    assert with_peft == {"lora-8", "lora-64"}
 
 
 @pytest.mark.integration
