@@ -25,6 +25,14 @@ SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, 
                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
                      rms_norm_eps=1e-5, rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+# Llama-3-8B's widths (hidden 4096, MLP 14336, 32 heads / 8 KV heads, vocab 128256) with 4 layers and random
+# weights: a base where the GEMMs dominate a step. Built directly on the benchmark's device (1.9B parameters).
+RANDOM_LLAMA3_8B = "random-llama3-8b-shape"
+LLAMA3_8B_SHAPE = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
+                       rms_norm_eps=1e-5, rope_parameters={"rope_theta": 500000.0, "rope_type": "default"},
+                       tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001, pad_token_id=128001)
+RANDOM_SHAPES = {RANDOM_SMOLLM2: SMOLLM2_SHAPE, RANDOM_LLAMA3_8B: LLAMA3_8B_SHAPE}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -62,14 +70,15 @@ CASES: dict[str, Case] = {
 }
 
 
-def load_base(base_name: str):
-    """The base model of a benchmark: a built-in name or folder (moelora's resolver), or RANDOM_SMOLLM2."""
-    if base_name == RANDOM_SMOLLM2:
+def load_base(base_name: str, device: str = "cpu"):
+    """The base model of a benchmark: a built-in name or folder (moelora's resolver), or a random-weight shape
+    (RANDOM_SHAPES), which is built on `device`."""
+    if base_name in RANDOM_SHAPES:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), torch.device(device):
             torch.manual_seed(1234)
-            return LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE))
+            return LlamaForCausalLM(LlamaConfig(**RANDOM_SHAPES[base_name]))
     from moelora.base_models import resolve_base_model
 
     return resolve_base_model(base_name)[0]
@@ -122,15 +131,15 @@ def build_case(name: str, base_name: str, workdir: Path, xlora_head: dict | None
     """The model of case `name` on a fresh copy of the base, moved to `device` and `dtype` (adapters too,
     ours and PEFT's alike). X-LoRA: PEFT's classifier weights are copied into ours (`xlora_head`, from
     `peft_xlora_head`), so both compute the same function."""
-    return _build(name, base_name, workdir, xlora_head).to(device, dtype)
+    return _build(name, base_name, workdir, xlora_head, device).to(device, dtype)
 
 
-def _build(name, base_name, workdir, xlora_head):
+def _build(name, base_name, workdir, xlora_head, device="cpu"):
     import moelora
 
     case = CASES[name]
     torch.manual_seed(0)
-    base = load_base(base_name)
+    base = load_base(base_name, device)
     if case.kind == "base":
         return base
     if case.kind == "peft":

@@ -64,6 +64,19 @@ def test_random_smollm2_base_has_the_real_shape():
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
 
 
+def test_random_llama3_8b_shape_has_llama3_8b_widths():
+    """The 8B-shaped base: at Llama-3-8B's 32 layers it would have Llama-3-8B's 8,030,261,248 parameters."""
+    import cases
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with __import__("torch").device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**{**cases.LLAMA3_8B_SHAPE, "num_hidden_layers": 32}))
+        small = cases.load_base(cases.RANDOM_LLAMA3_8B, device="meta")
+    assert sum(p.numel() for p in model.parameters()) == 8_030_261_248
+    assert small.config.num_hidden_layers == 4 and small.lm_head.weight.device.type == "meta"
+
+
 @pytest.mark.parametrize("script", ["bench_kernel.py", "tune_kernel_tiles.py", "profile_kernel.py"])
 def test_gpu_scripts_exit_with_a_message_without_a_gpu(script):
     import subprocess
