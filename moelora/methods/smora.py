@@ -11,6 +11,15 @@ are activated and the rest skipped (DESIGN §4.1, the released code's form):
 so each token's update is alpha times a convex combination of k rank-1 updates (per-rank weight 2
 at R=64, k=8, alpha=16, the same as LoRA-64 with alpha=128).
 
+`block_size` b (the reference's rank_partition) makes each expert a block of b consecutive ranks: the
+router scores the R/b blocks, k counts the blocks selected (activated rank k*b), and
+
+    y = W0 x + (alpha / (k b)) * sum_{j in S} k g_j * B_j A_j x      (B_j, A_j: block j's b ranks)
+
+so b = 1 is SMoRA and b = r_e is a MoE-LoRA of R/r_e experts of rank r_e with top-k routing (8 x r8 top-1
+is r=64, block_size=8, k=1: per-rank weight alpha/b, i.e. LoRA-8 with alpha 16 on the chosen expert). The
+paper's claim is that finer blocks win at equal total and activated rank; configs/ablation/ runs its table.
+
 Load balancing is loss-free: beta (a buffer, saved with the adapter) moves by u * sign(mean - count)
 once per optimizer step, from selection counts summed over micro-batches, all-reduced across
 processes, excluding padding, and never counted during gradient-checkpoint recomputation.
@@ -40,15 +49,26 @@ class SMoRAConfig(MethodConfig):
     gate_fn: Literal["sigmoid_norm", "softmax_topk"] = "sigmoid_norm"  # released code: sigmoid, normalised over top-k
     bias_in_gate: bool = True  # released code uses the biased scores as gate values too (DeepSeek: selection only)
     bias_update_rate: float = 1e-5  # u in beta += u * sign(mean load - load); the reference's value
+    block_size: int = 1  # ranks per expert: 1 = SMoRA (every rank an expert), r_e = MoE-LoRA of rank-r_e experts
 
     def validate(self) -> None:
         super().validate()
         if self.r < 1:
             raise self.error("r", f"must be >= 1, got {self.r}")
-        if not 1 <= self.k <= self.r:
+        if self.block_size < 1 or self.r % self.block_size:
+            raise self.error("block_size", f"must divide r={self.r} (ranks per expert), got {self.block_size}")
+        if self.block_size == 1 and not 1 <= self.k <= self.r:
             raise self.error("k", f"must be between 1 and r={self.r} (ranks activated out of r), got {self.k}")
+        if not 1 <= self.k <= self.n_experts:
+            raise self.error("k", f"must be between 1 and r/block_size={self.n_experts} (experts activated out of "
+                             f"{self.n_experts}), got {self.k}")
         if self.bias_update_rate < 0:
             raise self.error("bias_update_rate", f"must be >= 0, got {self.bias_update_rate}")
+
+    @property
+    def n_experts(self) -> int:
+        """Experts the router scores: r / block_size blocks of ranks."""
+        return self.r // self.block_size
 
 
 class SMoRALayer(AdapterLayer):
@@ -59,13 +79,14 @@ class SMoRALayer(AdapterLayer):
         r, d_in = config.r, self.in_features
         self.lora_A = nn.Parameter(torch.empty(r, d_in, **kw))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
-        self.router = nn.Parameter(torch.empty(r, d_in, **kw))
+        e = config.n_experts
+        self.router = nn.Parameter(torch.empty(e, d_in, **kw))
         kaiming_uniform_(self.lora_A)
         kaiming_uniform_(self.router)  # nn.Linear's default init, as the reference router
-        self.register_buffer("bias", torch.zeros(r, dtype=torch.float32, device=w.device))  # beta: saved
-        self.register_buffer("pending_counts", torch.zeros(r, dtype=torch.float32, device=w.device), persistent=False)
-        self.router_stats = RouterStats(self, r)
-        self.scaling = config.alpha / config.k
+        self.register_buffer("bias", torch.zeros(e, dtype=torch.float32, device=w.device))  # beta: saved
+        self.register_buffer("pending_counts", torch.zeros(e, dtype=torch.float32, device=w.device), persistent=False)
+        self.router_stats = RouterStats(self, e)
+        self.scaling = config.alpha / (config.k * config.block_size)
 
     def route(self, logits: torch.Tensor):
         """(selected rank ids [N, k], normalised gates [N, k]) from router logits [N, R], in fp32."""
@@ -75,13 +96,13 @@ class SMoRALayer(AdapterLayer):
         return top_k_gates(logits.float(), cfg.k, "softmax", self.bias, cfg.bias_in_gate)
 
     def update(self, x, out):
-        r = self.config.r
+        cfg = self.config
         # One GEMM for router logits and the shrink H = x A^T.
-        logits, h = (x @ torch.cat([self.router, self.lora_A]).t()).split(r, dim=-1)
+        logits, h = (x @ torch.cat([self.router, self.lora_A]).t()).split([cfg.n_experts, cfg.r], dim=-1)
         selected, gates = self.route(logits)
         self._count(selected, gates)
-        k = self.config.k
-        return rank_activation(x, self.lora_A, self.lora_B, selected, selected, gates * k, self.scaling, h=h, out=out)
+        return rank_activation(x, self.lora_A, self.lora_B, selected, selected, gates * cfg.k, self.scaling,
+                               block=cfg.block_size, h=h, out=out)
 
     @torch.no_grad()
     def _count(self, selected, gates):

@@ -171,3 +171,84 @@ def test_recompute_guard_is_what_prevents_double_counting(tiny_llama, batch, mon
     real_tokens = int(batch["attention_mask"].sum())
     layer = next(iter(model.adapter_layers().values()))
     assert float(layer.pending_counts.sum()) == 2 * real_tokens * 2  # forward + recompute
+
+
+# --- block_size: experts of several ranks (the paper's MoE-LoRA comparison) -------------------------------
+def _block_reference(layer, x):
+    """Token by token: score the R/b blocks, keep the top-k, y += (alpha / (k b)) * k g_j * B_j A_j x."""
+    cfg = layer.config
+    b, out = cfg.block_size, []
+    for xt in x:
+        scores = torch.sigmoid(layer.router @ xt) + layer.bias
+        chosen = sorted(range(cfg.n_experts), key=lambda j: -float(scores[j].detach()))[:cfg.k]
+        vals = torch.stack([scores[j] for j in chosen])
+        y = layer.base_layer(xt)
+        for gj, j in zip(vals / vals.sum(), chosen):
+            A, B = layer.lora_A[j * b:(j + 1) * b], layer.lora_B[:, j * b:(j + 1) * b]
+            y = y + cfg.alpha / (cfg.k * b) * (cfg.k * gj) * (B @ (A @ xt))
+        out.append(y)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("r,block_size,k", [(8, 2, 2), (12, 4, 1), (12, 3, 4)])
+def test_block_experts_match_the_loop_with_gradients(r, block_size, k):
+    torch.manual_seed(0)
+    cfg = moelora.SMoRAConfig(r=r, k=k, alpha=6.0, block_size=block_size)
+    layer = SMoRALayer(nn.Linear(5, 4), cfg, RoutingContext())
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.bias.normal_(std=0.3)
+    assert layer.router.shape == (r // block_size, 5) and layer.bias.shape == (r // block_size,)
+    x = torch.randn(9, 5, requires_grad=True)
+    got = layer(x)
+    got.square().sum().backward()
+    grads = [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B, layer.router)]
+    for t in (x, layer.lora_A, layer.lora_B, layer.router):
+        t.grad = None
+    want = _block_reference(layer, x)
+    want.square().sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, t in zip(grads, (x, layer.lora_A, layer.lora_B, layer.router)):
+        torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_one_block_of_all_ranks_is_lora():
+    """block_size = r, k = 1: one expert always chosen with gate 1, i.e. LoRA-r with scale alpha/r."""
+    torch.manual_seed(0)
+    layer = SMoRALayer(nn.Linear(5, 4), moelora.SMoRAConfig(r=6, k=1, alpha=12.0, block_size=6), RoutingContext())
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(7, 5)
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + 2.0 * x @ layer.lora_A.t() @ layer.lora_B.t())
+
+
+def test_block_size_must_divide_r_and_k_counts_experts():
+    with pytest.raises(moelora.ConfigError, match="method.block_size"):
+        moelora.config_from_dict({"name": "smora", "r": 64, "k": 1, "block_size": 7})
+    with pytest.raises(moelora.ConfigError, match=r"method.k.*r/block_size=8"):
+        moelora.config_from_dict({"name": "smora", "r": 64, "k": 9, "block_size": 8})
+
+
+def test_the_papers_table_runs_from_configs():
+    """configs/ablation/: LoRA-8, LoRA-64, MoE-LoRA 8 x r8 top-1/top-2 and SMoRA-64/8 build, with the total and
+    activated ranks the comparison holds equal, and the same per-rank scale 2."""
+    from pathlib import Path
+
+    from moelora.base_models import resolve_base_model
+    from moelora.training.run_config import load_run_config
+
+    folder = Path(__file__).resolve().parents[2] / "configs" / "ablation"
+    want = {"lora8": (8, 8), "lora64": (64, 64), "moe_lora_8x8_top1": (64, 8), "moe_lora_8x8_top2": (64, 16),
+            "smora64_8": (64, 8)}
+    assert sorted(p.stem for p in folder.glob("*.yaml")) == sorted(want)
+    for name, (total, active) in want.items():
+        cfg = moelora.config_from_dict(load_run_config(str(folder / f"{name}.yaml"), []).method)
+        model = moelora.get_moelora_model(resolve_base_model("tiny-random-llama")[0], cfg)
+        layer = next(iter(model.adapter_layers().values()))
+        assert layer.lora_A.shape[0] == total, name
+        if cfg.method_name == "smora":
+            assert cfg.k * cfg.block_size == active and layer.scaling == cfg.alpha / active, name
+            # SMoRA: uniform gates weigh each rank 2; MoE-LoRA: an expert chosen alone is a LoRA-8 of scale 2
+            assert (cfg.alpha / cfg.k if cfg.block_size == 1 else cfg.alpha / cfg.block_size) == 2.0, name
+        else:
+            assert cfg.r == active and layer.scaling == 2.0, name
