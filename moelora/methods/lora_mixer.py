@@ -5,7 +5,8 @@ reading the projection's own input (DESIGN §4.2):
 
     p = softmax(W_r x)                              [E] per token
     y = W0 x + sum_e g_e * s_e * B_e A_e x          g = p (training: soft mixture over all experts)
-                                                    g = top-K of p, renormalised (inference; K = 3)
+                                                    g = top-K of p, renormalised (inference; K = 3; also in
+                                                        training with `train_top_k`: MoE-LoRA top-1/top-2)
                                                     g = one-hot(task label) (stage 1: hard routing by label)
 
 Paradigms and stages (`stage:`):
@@ -53,6 +54,7 @@ class LoRAMixerConfig(ExpertsConfig):
     train_experts: bool | None = None  # None: experts train unless loaded (PEFT folders, init_from), as the paper
     top_k: int = 3  # experts per token at inference (renormalised); the paper's K; 0 = soft mixture at inference too
     renormalize_top_k: bool = True  # top-K gates sum to 1 (the paper leaves it open; our recommendation)
+    train_top_k: bool = False  # true: top-K routing in training too (MoE-LoRA baselines); the paper trains soft
     shared_router: bool = False  # one router for q/k/v of a block (they read the same input); paper: unspecified
     balance_coef: float = 0.01  # alpha of the balance term in the Switch (E-scaled) convention, as Mixtral
     entropy_coef: float = 0.01  # lambda, signed: > 0 minimises per-token routing entropy (the paper's text)
@@ -135,13 +137,15 @@ class LoRAMixerLayer(ExpertBankLayer):
         logits, h = (x @ torch.cat([self.router_weight(), self.lora_A]).t()).split([self.n_experts, n_rows], dim=-1)
         probs = torch.softmax(logits.float(), dim=-1)  # routing in fp32 whatever the compute dtype
         k = min(cfg.top_k, self.n_experts)
-        if self.training or k in (0, self.n_experts):  # soft mixture (top-E renormalised is the same thing)
+        soft_training = self.training and not cfg.train_top_k
+        if soft_training or k in (0, self.n_experts):  # soft mixture (top-E renormalised is the same thing)
             self.record_routing(probs.argmax(-1, keepdim=True), probs)
             self._add_losses(logits)
             return rank_activation(x, self.lora_A, self.lora_B, None, None, probs * scaling, 1.0, self.block,
                                    h=h, out=out)
         idx, top = top_k_gates(probs, k, "renormalize" if cfg.renormalize_top_k else "raw")
         self.record_routing(idx, top)
+        self._add_losses(logits)  # training with train_top_k (inference adds nothing)
         return rank_activation(x, self.lora_A, self.lora_B, idx, idx, top * scaling[idx], 1.0, self.block,
                                h=h, out=out)
 

@@ -183,6 +183,31 @@ def test_topk_inference_vs_dense_training_on_tiny_model(batch):
         assert float(layer.stat_load.sum()) == 2 * float(layer.stat_tokens) == 2 * int(batch["attention_mask"].sum())
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_train_top_k_routes_top_k_experts_in_training(batch, top_k):
+    """MoE-LoRA's top-1/top-2 baselines: with train_top_k the training forward is the top-K forward, only the
+    selected experts get gradients, and the router still learns (through the gates and the SBL terms)."""
+    model = _mixer(experts=3, r=2, top_k=top_k, train_experts=True, train_top_k=True)
+    randomize_adapters(model, seed=5, scale=0.3)
+    with torch.no_grad():
+        want = model.eval()(**batch).logits
+    model.train()
+    out = model(**batch, labels=batch["input_ids"])
+    torch.testing.assert_close(out.logits, want, atol=1e-5, rtol=1e-5)
+    assert out.aux_loss is not None
+    out.loss.backward()
+    layer = model.adapter_layers()["model.layers.0.self_attn.q_proj"]
+    assert layer.router.grad.abs().sum() > 0
+    if top_k == 1:  # an expert no token picked gets no gradient at all
+        used = set(layer.stat_load.nonzero().flatten().tolist())
+        for e in set(range(3)) - used:
+            assert layer.lora_B.grad[:, e * layer.block:(e + 1) * layer.block].abs().sum() == 0
+    soft = _mixer(experts=3, r=2, top_k=top_k, train_experts=True)
+    soft.load_adapter_state_dict(model.adapter_state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(soft.train()(**batch).logits, want, atol=1e-4)  # default: soft in training
+
+
 # --- shared q/k/v router, preservation, stage 2 from stage 1 ------------------------------------------------
 def test_shared_router_is_one_parameter_per_block(batch, tmp_path):
     model = _mixer(experts=3, r=2, shared_router=True, train_experts=True).train()
