@@ -204,3 +204,41 @@ def test_out_of_range_token_ids(tiny_llama):
     model = moelora.get_moelora_model(tiny_llama[0], moelora.LoRAConfig(r=2))
     with pytest.raises(moelora.DataError, match="token id 5000, outside the model's vocabulary of 320"):
         model(input_ids=torch.tensor([[1, 5000]]))
+
+
+# issue 14, item 7: saved files with wrongly typed fields are one CheckpointError naming the file
+def test_adapter_config_with_null_config(saved):
+    meta = json.loads((saved / "moelora_config.json").read_text())
+    meta["config"] = None
+    (saved / "moelora_config.json").write_text(json.dumps(meta))
+    with pytest.raises(moelora.CheckpointError, match="moelora_config.json: 'config' must be a JSON object .*got None"):
+        _load(saved)
+
+
+def test_manifest_that_is_a_list(saved):
+    (saved / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(moelora.CheckpointError, match="manifest .*manifest.json must hold a JSON object, got a list"):
+        _load(saved)
+    with pytest.raises(moelora.CheckpointError, match="must hold a JSON object, got a list"):
+        moelora.load(saved)
+
+
+def test_peft_config_with_a_wrongly_typed_rank(tmp_path):
+    model = moelora.get_moelora_model(resolve_base_model("tiny-random-llama")[0],
+                                      moelora.LoRAConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "peft", format="peft")
+    cfg = json.loads((tmp_path / "peft/adapter_config.json").read_text())
+    cfg["r"] = "x"
+    (tmp_path / "peft/adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(moelora.CheckpointError, match="adapter_config.json has a missing or wrongly typed field"):
+        _load(tmp_path / "peft")
+
+
+def test_evaluate_out_naming_a_file_is_refused_before_scoring(saved, tmp_path, capsys):
+    import evaluate
+
+    (tmp_path / "results").write_text("not a folder")
+    code = evaluate.cli(["--checkpoint", str(saved), "--base-model", "tiny-random-llama", "--tasks", "add",
+                         "--out", str(tmp_path / "results")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"error: config key '--out': {tmp_path / 'results'} is a file; --out names the folder the results go to"

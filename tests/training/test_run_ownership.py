@@ -253,3 +253,26 @@ def test_final_loss_does_not_depend_on_where_the_run_resumed(tmp_path):
     want = json.loads((straight / "adapter/manifest.json").read_text())["metrics"]["final_loss"]
     got = json.loads((resumed / "adapter/manifest.json").read_text())["metrics"]["final_loss"]
     assert got == pytest.approx(want, abs=1e-6)  # the last step's loss, not the last log window's mean
+
+
+@pytest.mark.slow
+def test_with_two_processes_the_main_one_holds_the_lock_and_a_refusal_stops_both(tmp_path):
+    from tests.training.test_distributed import ARGS, _free_port
+
+    out = tmp_path / "run"
+
+    def launch(*extra):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--num_processes", "2", "--main_process_port", str(_free_port()),
+               "--multi_gpu", str(REPO / "train.py"), *ARGS, f"output_dir={out}", "max_steps=2", *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    first = launch("save_steps=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert not (out / LOCK_NAME).exists() and not list(out.glob(f"{LOCK_NAME}*"))
+    refused = launch()  # the folder holds a run: the main process refuses, the other one must not hang
+    assert refused.returncode != 0
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: config key 'output_dir': {out} already holds a run; pass resume_from_checkpoint=true "
+                      "to continue it, overwrite_output_dir=true to replace it, or choose another output_dir"]
