@@ -10,6 +10,8 @@ Each forward runs the model twice (DESIGN §4.4, PEFT's `XLoraModel` semantics):
      optionally keeping only the top-k experts per token (un-renormalised, as PEFT) and a softmax over
      them (`enable_softmax_topk`).
 
+Each expert drops out its own input at its own rate (`expert_dropout`; by default a PEFT folder's
+`lora_dropout`), with an independent mask per expert, as PEFT's expert LoRAs do.
 Module index l is the order of the adapted modules in the model (PEFT's `layer_number`), so PEFT X-LoRA
 checkpoints load unchanged (`moelora.methods.xlora_peft`). Experts are frozen by default; with
 `use_trainable_adapters` they train and, unlike PEFT, are saved with the classifier (every save holds the
@@ -22,14 +24,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, MoeloraError
 from ..experts import ExpertBankLayer, ExpertBankModel, ExpertsConfig
 from ..layer import RouterStats, in_backward
 from ..ops import rank_activation
+from ..peft_compat import read_peft_lora_config
 from ..registry import register_method
 from ..routing import top_k_gates
 
@@ -49,6 +54,9 @@ class XLoRAConfig(ExpertsConfig):
     scaling_pass_value: float | None = 0.0  # expert weight in the scaling pass: 0 = base model; None = 1/E
     global_scaling_weight: float = 1.0  # multiplies every expert's output (PEFT default 1)
     use_trainable_adapters: bool = False  # experts frozen, only the classifier trains (the paper's setting)
+    # Input dropout per expert, as PEFT (each expert LoRA keeps its own lora_dropout, an independent mask each).
+    # None: a PEFT folder's own lora_dropout, `dropout` for fresh experts; saved resolved, so reloads match.
+    expert_dropout: dict[str, float] | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -65,6 +73,25 @@ class XLoRAConfig(ExpertsConfig):
             raise self.error("top_k_lora", f"must be between 1 and the {n} experts (or null for dense), got {self.top_k_lora}")
         if self.hidden_size is not None and self.hidden_size < 1:
             raise self.error("hidden_size", f"must be >= 1, got {self.hidden_size}")
+        for name, p in (self.expert_dropout or {}).items():
+            if name not in self.expert_names:
+                raise self.error(f"expert_dropout.{name}", f"no expert of that name; experts: {self.expert_names}")
+            if not 0.0 <= p < 1.0:
+                raise self.error(f"expert_dropout.{name}", f"must be in [0, 1), got {p}")
+
+    def expert_dropouts(self) -> list[float]:
+        """Each expert's input dropout p_e: `expert_dropout[name]`, else its PEFT folder's lora_dropout, else
+        `dropout` (fresh experts)."""
+        key = (repr(self.experts), repr(self.expert_dropout), self.dropout)
+        cached = self.__dict__.get("_dropouts")
+        if cached is None or cached[0] != key:  # reading each PEFT config once per distinct value
+            given = self.expert_dropout or {}
+            values = [float(given[s.name]) if s.name in given else
+                      float(read_peft_lora_config(Path(s.path)).get("lora_dropout", 0.0) or 0.0) if s.path else
+                      float(self.dropout) for s in self.expert_specs()]
+            cached = (key, values)
+            self.__dict__["_dropouts"] = cached
+        return cached[1]
 
     def pass_value(self) -> float:
         return 1.0 / len(self.expert_specs()) if self.scaling_pass_value is None else float(self.scaling_pass_value)
@@ -102,6 +129,10 @@ class XLoRALayer(ExpertBankLayer):
     def __init__(self, base_layer, config: XLoRAConfig, context):
         super().__init__(base_layer, config, context)
         self.layer_index = -1  # set by XLoRAModel: this module's column block in the classifier output
+        # Each expert drops out its own input (PEFT: one lora_dropout per expert LoRA), so this layer applies
+        # the dropout itself instead of the shared one before `update`.
+        self.expert_p = config.expert_dropouts()
+        self.dropout = nn.Identity()
         self.router_stats = RouterStats(self, self.n_experts)
         self.register_buffer("stat_gate_sum", torch.zeros(self.n_experts, device=base_layer.weight.device),
                              persistent=False)
@@ -125,9 +156,21 @@ class XLoRALayer(ExpertBankLayer):
         if not isinstance(gates, float):
             self._record(lam, idx, vals)
         weight = self.expert_scaling.to(x.dtype) * self.config.global_scaling_weight
+        h = self._dropped_shrink(x)
         if idx is None:
-            return rank_activation(x, self.lora_A, self.lora_B, None, None, vals * weight, 1.0, self.block, out=out)
-        return rank_activation(x, self.lora_A, self.lora_B, idx, idx, vals * weight[idx], 1.0, self.block, out=out)
+            return rank_activation(x, self.lora_A, self.lora_B, None, None, vals * weight, 1.0, self.block, h=h,
+                                   out=out)
+        return rank_activation(x, self.lora_A, self.lora_B, idx, idx, vals * weight[idx], 1.0, self.block, h=h,
+                               out=out)
+
+    def _dropped_shrink(self, x):
+        """H = [drop_1(x) A_1^T ... drop_E(x) A_E^T] with an independent mask per expert while training, or None
+        (the op computes x A^T) when no expert drops anything."""
+        if not (self.training and any(p > 0 for p in self.expert_p)):
+            return None
+        b = self.block
+        return torch.cat([F.dropout(x, p, training=True) @ self.lora_A[e * b:(e + 1) * b].t() if p > 0 else
+                          x @ self.lora_A[e * b:(e + 1) * b].t() for e, p in enumerate(self.expert_p)], dim=-1)
 
     def _select(self, lam):
         """(expert ids [N, k] or None for all, their scalings): PEFT's top-k and softmax-over-top-k."""
@@ -184,6 +227,13 @@ class XLoRAModel(ExpertBankModel):
 
     def experts_trainable(self) -> bool:
         return self.method_config.use_trainable_adapters
+
+    def saved_config(self) -> dict:
+        meta = super().saved_config()
+        # The saved bank no longer names the folders: keep the dropouts they gave.
+        meta["config"]["expert_dropout"] = dict(zip(self.method_config.expert_names,
+                                                    self.method_config.expert_dropouts()))
+        return meta
 
     # --- the two passes -------------------------------------------------------------------------------
     def compute_scalings(self, past_key_values=None, **inputs) -> torch.Tensor:

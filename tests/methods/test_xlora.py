@@ -239,3 +239,30 @@ def test_cached_generation_on_gpt2(batch):
     model.eval()
     kw = dict(input_ids=batch["input_ids"][:, :6], max_new_tokens=8, eos_token_id=None)
     assert torch.equal(model.generate(**kw), model.generate(**kw, use_cache=False))
+
+
+# --- per-expert dropout (PEFT: each expert LoRA keeps its own lora_dropout) ---------------------------------
+def test_each_expert_drops_out_its_input_with_its_own_folders_rate(batch, tmp_path):
+    folders = [save_peft_lora(tmp_path / "noisy", r=2, alpha=4, targets=QV, seed=1, lora_dropout=0.5),
+               save_peft_lora(tmp_path / "clean", r=2, alpha=4, targets=QV, seed=2, lora_dropout=0.0)]
+    model = _ours(folders)
+    assert model.method_config.expert_dropouts() == [0.5, 0.0]
+
+    def train_vs_eval(silent):
+        """(train-mode logits, eval-mode logits) with expert `silent`'s B zeroed (it adds nothing)."""
+        for layer in model.adapter_layers().values():
+            layer.lora_B.data[:, silent * layer.block:(silent + 1) * layer.block] = 0
+        with torch.no_grad():
+            return model.train()(**batch).logits, model.eval()(**batch).logits
+
+    only_clean = train_vs_eval(0)
+    torch.testing.assert_close(*only_clean)  # the clean expert drops nothing, even while training
+    model = _ours(folders)
+    only_noisy = train_vs_eval(1)
+    assert not torch.allclose(*only_noisy, atol=1e-5)  # the noisy one drops half its input while training
+    model.save_pretrained(tmp_path / "adapter")
+    shutil.rmtree(folders[0])  # the checkpoint keeps the rates, not the folders
+    reloaded = moelora.MoELoRAModel.from_pretrained(resolve_base_model("tiny-random-llama")[0], tmp_path / "adapter")
+    assert reloaded.method_config.expert_dropouts() == [0.5, 0.0]
+    with pytest.raises(moelora.ConfigError, match="method.expert_dropout.nope"):
+        moelora.XLoRAConfig(experts=2, expert_dropout={"nope": 0.1})
