@@ -128,7 +128,7 @@ class RunConfig(StrictConfig):
         if self.deepspeed is not None:
             self.check_deepspeed_file()
         if self.output_dir.strip() == "" or Path(self.output_dir).resolve() == Path(self.output_dir).resolve().parent:
-            raise self.error("output_dir", f"{self.output_dir!r} is not a run folder (it would spread the run over "
+            raise self.error("output_dir", f"{short_repr(self.output_dir)} is not a run folder (it would spread the run over "
                              "the working directory or the filesystem root); name a folder, e.g. runs/smora")
         if self.deepspeed is not None and self.ddp_comm_hook != "none":
             raise self.error("ddp_comm_hook", "applies to DDP only; under DeepSpeed set the gradients' "

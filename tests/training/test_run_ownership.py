@@ -268,11 +268,14 @@ def test_with_two_processes_the_main_one_holds_the_lock_and_a_refusal_stops_both
         return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
 
-    first = launch("save_steps=1")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert not (out / LOCK_NAME).exists() and not list(out.glob(f"{LOCK_NAME}*"))
-    refused = launch()  # the folder holds a run: the main process refuses, the other one must not hang
-    assert refused.returncode != 0
+    out.mkdir()
+    held = RunLock(out / LOCK_NAME)  # this test's own (live) process holds the folder
+    held.acquire()
+    refused = launch()  # the main process finds the live lock; the other one must stop too, not hang
+    assert refused.returncode != 0 and not (out / "run_config.json").exists()
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == [f"error: config key 'output_dir': {out} already holds a run; pass resume_from_checkpoint=true "
-                      "to continue it, overwrite_output_dir=true to replace it, or choose another output_dir"]
+    assert len(errors) == 1 and f"is in use by another run (pid {os.getpid()} on" in errors[0], refused.stderr[-3000:]
+    held.release()
+    done = launch()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "adapter").is_dir() and not list(out.glob(f"{LOCK_NAME}*"))  # one lock, released at the end
