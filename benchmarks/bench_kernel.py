@@ -3,6 +3,7 @@
     python benchmarks/bench_kernel.py                     # H100 defaults: d=4096, 8192 tokens, bf16
     python benchmarks/bench_kernel.py --json > kernel.json
     python benchmarks/bench_kernel.py --peak-tflops 312 --peak-tbps 2.0   # an A100
+    python benchmarks/bench_kernel.py --device cpu --tokens 64 --d 64   # the script itself, on CPU (interpreter)
 
 For each routing pattern it times, forward and forward+backward (W frozen, x requiring grad):
     base   y = F.linear(x, W)
@@ -11,7 +12,9 @@ For each routing pattern it times, forward and forward+backward (W frozen, x req
 and reports the adapter's overhead over the base linear, its speed-up over the torch path, and the
 fraction of the roofline the Triton adapter reaches (ideal time = max(FLOPs / peak, bytes / bandwidth)
 for the FLOPs the kernels execute and the bytes an ideal un-fused branch must move; see kernels/DESIGN.md).
-Not a test: it needs a CUDA GPU and exits with a message without one.
+Not a test: it needs a CUDA GPU and exits with a message without one. `--device cpu` runs the same code
+under Triton's interpreter with a wall-clock timer, at tiny shapes, to test the script (its numbers mean
+nothing: the interpreter is ~1000x slower than a GPU).
 """
 
 from __future__ import annotations
@@ -83,6 +86,18 @@ def adapter_cost(pattern, n, d, elt):
 
 
 def bench(fn, grads, rep_ms):
+    if DEVICE == "cpu":  # triton.testing.do_bench needs a GPU: a median of a few wall-clock runs
+        import statistics
+        import time
+
+        times = []
+        for _ in range(3):
+            for t in grads or []:
+                t.grad = None
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms, grad_to_none=grads, return_mode="median")
@@ -122,8 +137,12 @@ def run_pattern(pattern, args, op_triton, op_torch):
     return row
 
 
+def device_name() -> str:
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (Triton interpreter: times mean nothing)"
+
+
 def print_table(rows, args):
-    print(f"# rank_activation on {torch.cuda.get_device_name()}: {args.tokens} tokens, d={args.d}, {args.dtype}; "
+    print(f"# rank_activation on {device_name()}: {args.tokens} tokens, d={args.d}, {args.dtype}; "
           f"roofline at {args.peak_tflops} TFLOPS, {args.peak_tbps} TB/s")
     head = ("pattern", "ovh fwd", "ovh f+b", "torch ovh fwd", "torch ovh f+b", "x torch fwd", "x torch f+b",
             "roofline fwd", "roofline f+b")
@@ -146,20 +165,32 @@ def main(argv=None):
     p.add_argument("--peak-tbps", type=float, default=3.35, help="memory bandwidth in TB/s (H100 SXM: 3.35)")
     p.add_argument("--rep-ms", type=int, default=200, help="timing budget per measurement (triton do_bench)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("--out", help="also write the JSON results to this file")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu: run the script under Triton's interpreter at tiny shapes (a test of the script)")
     args = p.parse_args(argv)
 
-    if not torch.cuda.is_available():
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported
+    elif not torch.cuda.is_available():
         sys.exit("bench_kernel.py needs a CUDA GPU: none is visible to torch (for CPU numbers see "
                  "benchmarks/bench_torch_paths.py)")
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    elif os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("unset TRITON_INTERPRET: the interpreter is for CPU tests, not for timing")
     from moelora.kernels.rank_activation import rank_activation_triton
     from moelora.ops import rank_activation_torch
 
     torch.manual_seed(0)
     rows = [run_pattern(name, args, rank_activation_triton, rank_activation_torch) for name in args.patterns]
+    result = json.dumps({"device": device_name(), "args": vars(args), "results": rows}, indent=1)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(result)
     if args.json:
-        print(json.dumps({"device": torch.cuda.get_device_name(), "args": vars(args), "results": rows}, indent=1))
+        print(result)
     else:
         print_table(rows, args)
 

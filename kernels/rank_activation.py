@@ -372,10 +372,12 @@ def _gemm(a, b, *, tiles: Tiles, compute: torch.dtype, alpha=1.0, out_dtype=torc
     hg = new((m, n), dtype=torch.float32) if gated else None
     route, idx, gates, block = gate if gated else (DENSE, None, None, 1)
     dot_dtype, precision = _compute(compute)
+    # Unused pointers point at the input a, never at an output: torch.compile's capture decides which tensors a
+    # kernel writes from its compiled code, and an output passed twice would be copied for each parameter.
     _launch(
         _matmul_kernel, grid,
-        a, b, c, add if add is not None else c, hg if gated else c,        # A, B, C, ADD, H_g
-        idx if idx is not None else c, gates if gated else c,                # routing indices, gates
+        a, b, c, add if add is not None else a, hg if gated else a,        # A, B, C, ADD, H_g
+        idx if idx is not None else a, gates if gated else a,                # routing indices, gates
         m, n, k, k_per_split, alpha,                                         # M, N, K, k_per_split, alpha
         gates.shape[1] if gated else 0, n // block, block,                   # n_slots, n_blocks, block
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),                  # stride_am, _ak, _bk, _bn
@@ -439,8 +441,9 @@ def _sum_splits(results):
         return out
     assert len(todo) <= 2, "one launch sums at most two partial buffers"
     t = tiles_for("sum")
-    (i1, c1, d1), (i2, c2, d2) = todo[0], (todo[1] if len(todo) == 2 else (None, todo[0][1], todo[0][2]))
-    n1, n2 = d1.numel(), (d2.numel() if len(todo) == 2 else 0)
+    _, c1, d1 = todo[0]
+    _, c2, d2 = todo[1] if len(todo) == 2 else (None, c1, c1.new_empty(0))  # one buffer: no program reads a second
+    n1, n2 = d1.numel(), d2.numel()
     _launch(_sum_slices_kernel, (triton.cdiv(n1, t.block_m) + triton.cdiv(n2, t.block_m),),
             c1, d1, n1, c1.shape[0], c2, d2, n2, c2.shape[0],  # src1, dst1, numel1, splits1, then buffer 2
             BLOCK=t.block_m, **_launch_opts(t, torch.float32))

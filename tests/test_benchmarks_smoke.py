@@ -99,3 +99,63 @@ def test_random_smollm2_shape_matches_the_packaged_config():
     real = resolve_base_model("smollm2-135m-instruct")[0].config
     for key, value in cases.SMOLLM2_SHAPE.items():
         assert getattr(real, key) == (pytest.approx(value) if isinstance(value, float) else value), key
+
+
+def _gpu_check(*args, timeout=60):
+    import subprocess
+
+    return subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_gpu_check_arguments():
+    """The prepared GPU script: stage list, and one clear line with exit code 2 for bad arguments."""
+    listed = _gpu_check("--list")
+    assert listed.returncode == 0 and listed.stdout.split()[:3] == ["checks_op", "checks_compile", "checks_methods"]
+    for bad, message in ((["--bogus"], "unknown argument '--bogus'"), (["--only", "nope"], "unknown stage 'nope'"),
+                         (["--budget", "soon"], "--budget needs whole seconds"), (["--out"], "--out needs a folder")):
+        proc = _gpu_check(*bad)
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, bad
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path):
+    """--cpu-smoke: every stage at tiny shapes on CPU (kernels under the interpreter), each timed in the summary;
+    the compiled train steps run if bench_train_step.py has --compile, and say why not otherwise."""
+    import subprocess
+
+    out = tmp_path / "gpu"
+    proc = _gpu_check("--cpu-smoke", "--out", str(out), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    rows = {line.split()[0]: line.split(None, 3)[1:] for line in (out / "summary.txt").read_text().splitlines()
+            if not line.startswith("total")}
+    stages = _gpu_check("--list").stdout.split()
+    assert list(rows) == stages
+    has_compile = "--compile" in subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train_step.py"),
+                                                 "--help"], capture_output=True, text=True).stdout
+    skipped = {"profile", "train_xlora_eager"} | (set() if has_compile else {"train_smollm2_compiled",
+                                                                          "train_8b_compiled"})
+    for stage, (status, seconds, *note) in rows.items():
+        assert status == ("SKIP" if stage in skipped else "ok"), (stage, status, note)
+        assert seconds.endswith("s") and (status == "ok" or note), stage
+    kernel = json.loads((out / "kernel.json").read_text())["results"][0]
+    assert kernel["pattern"] == "mixlora_pool64_r8_sep" and "roofline_fraction_fwdbwd" in kernel
+    train = json.loads((out / "train_smollm2_eager.json").read_text())["cases"]
+    assert train["smora64_8@triton"]["peer"] == "peft_lora64" and train["smora64_8@triton"]["time_ratio"] > 0
+    assert "all checks passed" in (out / "checks_compile.txt").read_text()
+
+
+@pytest.mark.slow
+def test_count_launches_per_layer_call():
+    """benchmarks/count_launches.py under the interpreter: SMoRA's layer call (h given) is 2 Triton launches
+    forward and 4 backward (dH_g, routing, dB, the dB partial sum), no torch kernels; 3 + 5 + 3 torch ops before."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "count_launches.py"), "--layers",
+                           "smora (R=64, k=8, h given)", "--regimes", "short", "--json"], capture_output=True,
+                          text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(proc.stdout)
+    assert row["fwd_triton"] == {"_matmul_kernel": 1, "_routing_kernel": 1} and row["fwd_torch"] == {}
+    assert row["bwd_triton"] == {"_matmul_kernel": 2, "_routing_kernel": 1, "_sum_slices_kernel": 1}
+    assert row["bwd_torch"] == {}
