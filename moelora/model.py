@@ -27,6 +27,7 @@ from .errors import CheckpointError, ConfigError, DataError, MoeloraError, short
 from .layer import AdapterLayer, RoutingContext, adapter_dtype_for, linear_dims
 from .registry import config_from_dict, get_method
 from .hf_trainer import FORWARD_SIGNATURE, fused_outputs, trainer_signature, watch_optimizer_steps
+from .fsdp import fsdp_units, gathered_fsdp
 from .targets import find_targets, resolve_default_targets  # noqa: F401  (find_targets: public here too)
 
 CONFIG_NAME = "moelora_config.json"
@@ -285,6 +286,10 @@ class MoELoRAModel(nn.Module):
                  if not n.startswith("base_layer.")}
         saved.update({id(p): p for p in self.parameters() if p.requires_grad})
         sharded = [p for p in saved.values() if hasattr(p, "ds_id")]
+        if fsdp_units(self):  # FSDP2 (fully_shard): the saved parameters as full tensors, for the block
+            with gathered_fsdp(self, {id(p) for p in saved.values()}):
+                yield self
+            return
         if not sharded:
             yield self
             return

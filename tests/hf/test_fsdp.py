@@ -1,0 +1,80 @@
+"""FSDP2 (torch fully_shard, what accelerate's fsdp_version 2 applies) with 2 CPU processes over gloo: a moelora
+model trains like one process on the joint batch and saves full adapter tensors (moelora.fsdp).
+
+accelerate itself runs FSDP only on accelerators (on CPU, Accelerator(cpu=True) makes it data parallel), so the
+processes are started with torchrun and shard with fully_shard per decoder layer, as configs/accelerate/fsdp2.yaml
+asks accelerate to do on GPUs.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import moelora
+from moelora.base_models import resolve_base_model
+
+CONFIG = {"name": "smora", "r": 8, "k": 2, "bias_update_rate": 0.1}
+SCRIPT = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    import moelora
+    from moelora.base_models import resolve_base_model
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    base, _ = resolve_base_model("tiny-random-llama")
+    model = moelora.get_moelora_model(base, {config!r})
+    for layer in base.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    assert type(model.trainable_parameters()[0]).__name__ == "DTensor"
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    ids = torch.randint(3, 259, (4, 12), generator=torch.Generator().manual_seed(7))[2 * rank:2 * rank + 2]
+    model.train()
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()  # the router state follows through the optimizer hook (counts all-reduced)
+        opt.zero_grad()
+    with model.gathered_adapter():  # every process gathers; the main one writes
+        if rank == 0:
+            model.save_pretrained(sys.argv[1])
+    dist.destroy_process_group()
+""")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_fsdp2_two_cpu_processes_train_and_save_full_adapter(tmp_path):
+    (tmp_path / "run.py").write_text(SCRIPT.format(config=CONFIG))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(tmp_path / "run.py"), str(tmp_path / "adapter")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # one process, the joint batch of 4 rows: the same gradient (equal token counts) and the same load counts
+    torch.manual_seed(0)
+    model = moelora.get_moelora_model(resolve_base_model("tiny-random-llama")[0], CONFIG)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    ids = torch.randint(3, 259, (4, 12), generator=torch.Generator().manual_seed(7))
+    model.train()
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    saved = moelora.MoELoRAModel.from_pretrained(resolve_base_model("tiny-random-llama")[0], tmp_path / "adapter")
+    want, got = model.adapter_state_dict(), saved.adapter_state_dict()
+    assert want.keys() == got.keys()
+    for key in want:
+        assert got[key].shape == want[key].shape  # full tensors, not one process's shard
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-4)
+    assert any(k.endswith(".bias") and got[k].abs().max() > 0 for k in got)  # SMoRA's beta moved, in step
