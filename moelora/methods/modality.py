@@ -6,7 +6,10 @@ A frozen LM gets one LoRA for vision and one for speech, plus image/audio encode
     text only       -> no adapter: exactly the base model
     image(s)        -> the vision LoRA
     audio only      -> the speech LoRA
-    image + audio   -> the vision LoRA (Phi-4's VISION_SPEECH mode)
+    image + audio   -> the vision LoRA (Phi-4's VISION_SPEECH mode), and its audio through a projector of
+                       its own (Phi-4's vision-speech audio projection; `vision_speech_projector`)
+
+Each LoRA drops out its input at its own rate (`vision_dropout` 0, `speech_dropout` 0.01: Phi-4's configs).
 
 Beyond Phi-4 (one mode per batch), the mode is chosen per *sample*, so one batch may mix text, image and
 audio samples: every token of a sample uses its sample's LoRA, through `rank_activation` with k = 1 and
@@ -25,13 +28,15 @@ import dataclasses
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import load_tensors, read_json, save_tensors, write_json
 from ..config import MethodConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DataError
 from ..layer import AdapterLayer, kaiming_uniform_
 from ..model import CONFIG_NAME
+from ..multimodal.encoders import AudioEncoder, projector
 from ..multimodal.model import MultimodalLoRAModel
 from ..ops import rank_activation
 from ..peft_compat import PEFT_PREFIX
@@ -47,9 +52,20 @@ class ModalityLoRAConfig(MethodConfig):
     vision_alpha: float = 32.0  # alpha/r = 2, as both of Phi-4's LoRAs
     speech_r: int = 16  # rank of the speech LoRA (Phi-4: 320)
     speech_alpha: float = 32.0  # alpha/r = 2, as Phi-4
+    vision_dropout: float = 0.0  # input dropout of the vision LoRA: Phi-4's vision-lora config uses none
+    speech_dropout: float = 0.01  # input dropout of the speech LoRA: Phi-4's speech-lora config
+    # Image+audio samples project their audio with a projector of their own (Phi-4's "vision" audio projection
+    # used in VISION_SPEECH mode); false: the speech projector for all audio.
+    vision_speech_projector: bool = True
 
     def validate(self) -> None:
         super().validate()
+        if self.dropout > 0:
+            raise self.error("dropout", "modality routing drops out each LoRA's input at its own rate: set "
+                             "vision_dropout / speech_dropout instead (Phi-4: 0 and 0.01)")
+        for m in MODALITIES:
+            if not 0.0 <= getattr(self, f"{m}_dropout") < 1.0:
+                raise self.error(f"{m}_dropout", f"must be in [0, 1), got {getattr(self, f'{m}_dropout')}")
         for m in MODALITIES:
             if getattr(self, f"{m}_r") < 1:
                 raise self.error(f"{m}_r", f"must be >= 1, got {getattr(self, f'{m}_r')}")
@@ -76,6 +92,7 @@ class ModalityLoRALayer(AdapterLayer):
                 kaiming_uniform_(self.lora_A[i * self.block: i * self.block + config.rank(m)])
         self.register_buffer("scales", torch.tensor([config.scaling(m) for m in MODALITIES], dtype=torch.float32,
                                                     device=w.device), persistent=False)
+        self.modality_p = [getattr(config, f"{m}_dropout") for m in MODALITIES]  # applied per token in `update`
 
     def update(self, x, out):
         modes = self.context.sample_labels  # [batch] modality block per sample, -1 = text (set by the model)
@@ -83,6 +100,10 @@ class ModalityLoRALayer(AdapterLayer):
             return out  # an all-text batch: the base model, bit for bit
         idx = modes.to(x.device).repeat_interleave(x.shape[0] // modes.shape[0]).unsqueeze(1)  # [N, 1]
         gates = self.scales[idx.clamp(min=0)].to(x.dtype)  # alpha_m / r_m; the op zeroes idx -1 slots
+        if self.training and any(p > 0 for p in self.modality_p):  # each token dropped at its modality's rate
+            for m, p in enumerate(self.modality_p):
+                if p > 0:
+                    x = torch.where(idx == m, F.dropout(x, p, training=True), x)
         return rank_activation(x, self.lora_A, self.lora_B, idx, idx, gates, 1.0, block=self.block, out=out)
 
     def modality_weights(self, i: int, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,8 +112,52 @@ class ModalityLoRALayer(AdapterLayer):
         return self.lora_A[lo:lo + r], self.lora_B[:, lo:lo + r]
 
 
+class VisionSpeechAudioEncoder(AudioEncoder):
+    """The audio encoder with Phi-4's second projector: audio of an image+audio sample goes through
+    `proj_vision_speech`, all other audio through `proj`. `with_image` ([n_items] bool) is set per batch by
+    the model. Both projectors always run (a `where`, no host read), so every parameter is in every graph."""
+
+    def __init__(self, cfg, hidden: int, embed_std: float):
+        super().__init__(cfg, hidden, embed_std)
+        self.proj_vision_speech = projector(cfg.audio_width, hidden, embed_std)
+        self.with_image: torch.Tensor | None = None
+
+    def forward(self, mels: torch.Tensor) -> torch.Tensor:
+        if mels.dim() != 3 or mels.shape[1] != self.cfg.n_mels:
+            raise DataError(f"audio features must be [n, {self.cfg.n_mels}, frames], got {list(mels.shape)}")
+        feats = self.conv(mels).transpose(1, 2)
+        flags = self.with_image
+        if flags is None or flags.shape[0] != mels.shape[0]:  # a blank input (every encoder runs): speech
+            flags = torch.zeros(mels.shape[0], dtype=torch.bool, device=mels.device)
+        return torch.where(flags.view(-1, 1, 1), self.proj_vision_speech(feats), self.proj(feats))
+
+
 class ModalityLoRAModel(MultimodalLoRAModel):
     """Multimodal model whose adapter is chosen by each sample's modality."""
+
+    def __init__(self, base_model, method_config, base_model_id=None, encoder_config=None):
+        super().__init__(base_model, method_config, base_model_id, encoder_config=encoder_config)
+        if method_config.vision_speech_projector:
+            old = self.encoders.audio
+            emb = base_model.get_input_embeddings()
+            new = VisionSpeechAudioEncoder(self.encoder_config, emb.embedding_dim,
+                                           float(emb.weight.detach().float().std()))
+            new.load_state_dict(old.state_dict(), strict=False)  # the same conv and speech projector
+            ref = next(old.parameters())
+            self.encoders.audio = new.to(device=ref.device, dtype=ref.dtype)
+
+    def embed(self, input_ids, media_mask, images=None, audio=None):
+        encoder = self.encoders.audio
+        if not isinstance(encoder, VisionSpeechAudioEncoder) or audio is None:
+            return super().embed(input_ids, media_mask, images, audio)
+        # Audio items come in row order: each row's count of audio positions / tokens per clip; no host read.
+        mask = media_mask.to(audio.device)
+        per_row = (mask == 2).sum(1) // self.media_tokens["audio"]
+        encoder.with_image = torch.repeat_interleave((mask == 1).any(1), per_row, output_size=audio.shape[0])
+        try:
+            return super().embed(input_ids, media_mask, images, audio)
+        finally:
+            encoder.with_image = None
 
     @staticmethod
     def modes(media_mask: torch.Tensor) -> torch.Tensor:
@@ -128,7 +193,8 @@ class ModalityLoRAModel(MultimodalLoRAModel):
         cfg = self.method_config
         conv1d = any(isinstance(layer.base_layer, Conv1D) for layer in self.adapter_layers().values())
         return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": self.base_model_id or None,
-                "r": cfg.rank(modality), "lora_alpha": getattr(cfg, f"{modality}_alpha"), "lora_dropout": cfg.dropout,
+                "r": cfg.rank(modality), "lora_alpha": getattr(cfg, f"{modality}_alpha"),
+                "lora_dropout": getattr(cfg, f"{modality}_dropout"),
                 "target_modules": cfg.target_modules, "use_rslora": False, "fan_in_fan_out": conv1d, "bias": "none",
                 "inference_mode": True, "init_lora_weights": True, "modules_to_save": None}
 
@@ -150,6 +216,11 @@ class ModalityLoRAModel(MultimodalLoRAModel):
     def read_adapter_files(self, folder: Path) -> tuple[dict[str, torch.Tensor], str]:
         folder = Path(folder)
         tensors = {f"encoders.{k}": v for k, v in load_tensors(folder / ENCODERS_NAME).items()}
+        if self.method_config.vision_speech_projector and not any(".proj_vision_speech." in k for k in tensors):
+            # Saved before the vision-speech projector existed: it projected image+audio samples' audio with the
+            # speech projector, so a copy of that one keeps the checkpoint's outputs exactly as they were.
+            tensors.update({k.replace("encoders.audio.proj.", "encoders.audio.proj_vision_speech."): v
+                            for k, v in list(tensors.items()) if k.startswith("encoders.audio.proj.")})
         for i, modality in enumerate(MODALITIES):
             sub = folder / f"{modality}-lora"
             peft_cfg = read_json(sub / "adapter_config.json", f"{modality} PEFT adapter config")
@@ -195,7 +266,8 @@ class ModalityLoRAModel(MultimodalLoRAModel):
         if targets[0] != targets[1]:
             raise CheckpointError(f"the vision and speech folders adapt different modules: {targets[0]} vs {targets[1]}")
         fields = {f: v for m, c in cfgs.items() for f, v in ((f"{m}_r", int(c["r"])), (f"{m}_alpha", float(c["lora_alpha"])))}
-        config = ModalityLoRAConfig(target_modules=targets[0], dropout=float(cfgs["vision"].get("lora_dropout", 0.0)), **fields)
+        dropouts = {f"{m}_dropout": float(c.get("lora_dropout", 0.0) or 0.0) for m, c in cfgs.items()}
+        config = ModalityLoRAConfig(target_modules=targets[0], **dropouts, **fields)
         model = cls(base_model, config, base_model_id or cfgs["vision"].get("base_model_name_or_path"),
                     encoder_config=encoder_config)
         tensors = dict(model.adapter_state_dict())

@@ -167,3 +167,49 @@ def test_an_all_text_training_batch_backpropagates_zero_into_the_loras():
         want = base(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits
     assert torch.equal(out.logits.detach(), want)
     assert all(float(p.grad.abs().sum()) == 0 for n, p in model.named_parameters() if "lora_" in n)
+
+
+# --- Phi-4's per-modality dropout and vision-speech projector ------------------------------------------------
+def test_each_lora_drops_out_its_input_at_its_modalitys_rate(tmp_path):
+    model, tok = _model(vision_dropout=0.0, speech_dropout=0.5)
+    batch = mixed_batch(model, tok)  # text, image, audio, image+audio
+    with torch.no_grad():
+        train, test = model.train()(**batch).logits, model.eval()(**batch).logits
+    torch.testing.assert_close(train[[0, 1, 3]], test[[0, 1, 3]])  # text and vision samples: nothing dropped
+    assert not torch.allclose(train[2], test[2], atol=1e-5)  # the speech sample's LoRA input is dropped out
+    model.save_pretrained(tmp_path / "adapter")
+    assert [read_json(tmp_path / f"adapter/{m}-lora/adapter_config.json", "")["lora_dropout"]
+            for m in ("vision", "speech")] == [0.0, 0.5]
+    folders = {m: tmp_path / f"adapter/{m}-lora" for m in ("vision", "speech")}
+    loaded = ModalityLoRAModel.from_peft_folders(resolve_base_model("tiny-random-llama")[0], folders)
+    assert (loaded.method_config.vision_dropout, loaded.method_config.speech_dropout) == (0.0, 0.5)
+    assert moelora.ModalityLoRAConfig().speech_dropout == 0.01  # Phi-4's speech-lora; its vision-lora has none
+    with pytest.raises(moelora.ConfigError, match="method.dropout.*vision_dropout / speech_dropout"):
+        moelora.ModalityLoRAConfig(dropout=0.1)
+
+
+def test_image_and_audio_samples_project_their_audio_with_the_vision_speech_projector():
+    model, tok = _model()
+    batch = mixed_batch(model, tok)  # text, image, audio, image+audio
+    before = _logits(model, batch)
+    with torch.no_grad():
+        for p in model.encoders.audio.proj_vision_speech.parameters():
+            p.add_(torch.randn_like(p))
+    after = _logits(model, batch)
+    torch.testing.assert_close(after[:3], before[:3])  # audio alone still goes through the speech projector
+    assert not torch.allclose(after[3], before[3], atol=1e-4)  # image + audio: through its own projector
+
+
+def test_a_checkpoint_without_the_vision_speech_projector_loads_unchanged(tmp_path):
+    """Saved before the projector existed (no key in its config, no tensors): image+audio audio used the speech
+    projector, so loading copies it and every output stays what it was."""
+    model, tok = _model(vision_speech_projector=False)
+    batch = mixed_batch(model, tok)
+    want = _logits(model, batch)
+    model.save_pretrained(tmp_path / "adapter")
+    meta = read_json(tmp_path / "adapter/moelora_config.json", "")
+    del meta["config"]["vision_speech_projector"]
+    write_json(tmp_path / "adapter/moelora_config.json", meta)
+    loaded = moelora.MoELoRAModel.from_pretrained(resolve_base_model("tiny-random-llama")[0], tmp_path / "adapter")
+    assert loaded.method_config.vision_speech_projector
+    torch.testing.assert_close(_logits(loaded, batch), want)
