@@ -65,6 +65,11 @@ CASES: dict[str, Case] = {
     # 4 trainable rank-16 experts in the attention projections, top-2 routed: 64 ranks in all.
     "lora_mixer": Case("moelora", dict(name="lora_mixer", experts=4, r=16, alpha=32, top_k=2, stage="joint_stage2",
                                        train_experts=True, target_modules=QKVO), "peft_lora64_qkvo"),
+    # MeteoRA: 4 rank-16 task experts per attention projection, top-2 per token by each module's gate: 64 ranks.
+    "meteora": Case("moelora", dict(name="meteora", experts=4, r=16, alpha=32, top_k=2, train_experts=True,
+                                    target_modules=QKVO), "peft_lora64_qkvo"),
+    # CoMoL: one rank-16 LoRA per module with 8 core experts (16 x 16) between A and B: a LoRA-16's rank.
+    "comol": Case("moelora", dict(name="comol", r=16, num_experts=8, dropout=0.0, target_modules=ALL7), "peft_lora16"),
     "peft_xlora": Case("peft_xlora", {}),
     "xlora": Case("moelora", dict(name="xlora", target_modules=QKVO, xlora_depth=2, xlora_size=256), "peft_xlora"),
 }
