@@ -58,7 +58,8 @@ class RoutingContext:
             self.prompt_mask = prompt
         self.aux_losses = []
         self.generating = generating
-        self.forward_id += 1
+        if generating:  # only generate() calls need telling apart; an int that changed every forward would make
+            self.forward_id += 1  # torch.compile re-trace each step (ints on modules are guarded as constants)
 
     def flat_mask(self, n_tokens: int) -> torch.Tensor | None:
         """The mask flattened to the layer's N tokens, or None when it does not describe this input
@@ -81,7 +82,12 @@ def in_backward() -> bool:
 
     Router bookkeeping (load counts, statistics) must count each forward once; a checkpointed
     layer is re-run inside backward and would otherwise be counted twice.
+
+    Under torch.compile this Python runs once, while tracing the forward (the compiled backward replays
+    recorded ops, never this code), so it is False there; asking autograd would break the graph.
     """
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 

@@ -52,12 +52,7 @@ class MultimodalLoRAModel(MoELoRAModel):
         for kind, items, encoder, what in ((_IMAGE, images, self.encoders.image, "image"),
                                            (_AUDIO, audio, self.encoders.audio, "audio")):
             where = media_mask == kind
-            slots = int(where.sum())
             n_items = 0 if items is None else items.shape[0]
-            per_item = self.media_tokens[what]
-            if slots != n_items * per_item:
-                raise DataError(f"media_mask has {slots} {what} positions but {n_items} {what} item(s) x "
-                                f"{per_item} tokens were given")
             dtype = next(encoder.parameters()).dtype
             if n_items:
                 feats = encoder(items.to(device=emb.device, dtype=dtype))
@@ -71,11 +66,27 @@ class MultimodalLoRAModel(MoELoRAModel):
         """{"inputs_embeds": ...} when the batch holds media and the encoders are on, else {}."""
         if not self.media_enabled or input_ids is None:
             return {}
+        n_items = {what: 0 if items is None else items.shape[0] for what, items in (("image", images), ("audio", audio))}
+        if not torch.compiler.is_compiling():  # a host read; compiled training checks batches on the host (train.py)
+            self.check_media(media_mask, n_items)
         if self.run_every_encoder and self.training:  # even a text-only batch runs both encoders
             media_mask = torch.zeros_like(input_ids) if media_mask is None else media_mask
-        elif media_mask is None or not bool((media_mask > 0).any()):
+        elif media_mask is None or not any(n_items.values()):  # decided from shapes: no host read of the mask
             return {}
         return {"inputs_embeds": self.embed(input_ids, media_mask, images, audio)}
+
+    def check_media(self, media_mask, n_items: dict[str, int]) -> None:
+        """Every placeholder run has its item and every item its run: else encoded tokens would land on
+        text (or items be dropped) silently. One host read for both modalities."""
+        if media_mask is None:
+            slots = [0, 0]
+        else:
+            slots = torch.stack([(media_mask == _IMAGE).sum(), (media_mask == _AUDIO).sum()]).tolist()
+        for what, have in zip(("image", "audio"), slots):
+            per_item = self.media_tokens[what]
+            if have != n_items[what] * per_item:
+                raise DataError(f"media_mask has {have} {what} positions but {n_items[what]} {what} item(s) x "
+                                f"{per_item} tokens were given")
 
     def forward(self, input_ids=None, attention_mask=None, media_mask=None, images=None, audio=None,
                 sample_labels=None, **kwargs):
