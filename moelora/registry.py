@@ -1,7 +1,8 @@
 """The method registry: one `register_method` line per method module.
 
 Adding a method is one module in `moelora/methods/` (config + layer), one `register_method` call at its
-end, one YAML in `configs/`, and one row in the shared test matrix (`tests/test_method_matrix.py`).
+end (the package imports every module in it, so nothing else is edited), one YAML in `configs/`, and one row
+in the method list every test reads (`tests/method_cases.py`, run by `tests/test_method_matrix.py`).
 """
 
 from __future__ import annotations
