@@ -84,13 +84,16 @@ def _models_of(optimizer) -> list:
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
     for model in _models_of(optimizer):
         if model.training:
+            model.__dict__.pop("_router_state_current", None)  # this step's update is the hook's to make
             model.update_router_state()
+            model.__dict__["_router_state_current"] = True  # a second call for this step is then a no-op
             _attach_to_trainer(model)
 
 
 def _attach_to_trainer(model) -> None:
     """Give the Trainer running this step (found on the call stack) a `MoELoRACallback`, once."""
-    if getattr(model, "_trainer_checked", False) or "transformers" not in sys.modules:
+    # Only a script that imported Trainer can be running one (importing it here would cost seconds).
+    if getattr(model, "_trainer_checked", False) or "transformers.trainer" not in sys.modules:
         return
     model._trainer_checked = True
     from transformers import Trainer
@@ -101,8 +104,9 @@ def _attach_to_trainer(model) -> None:
             return
         trainer = frame.f_locals.get("self")
         if isinstance(trainer, Trainer):
-            if not any(isinstance(c, MoELoRACallback) for c in trainer.callback_handler.callbacks):
-                trainer.add_callback(MoELoRACallback())
+            callback_cls = __getattr__("MoELoRACallback")
+            if not any(isinstance(c, callback_cls) for c in trainer.callback_handler.callbacks):
+                trainer.add_callback(callback_cls())
             return
         frame = frame.f_back
 
@@ -118,46 +122,56 @@ def _core(model):
     return model if isinstance(model, MoELoRAModel) else None
 
 
-def _callback_base():
+def __getattr__(name):
+    """`MoELoRACallback` is built on first use: importing transformers' Trainer machinery (and PEFT through
+    it) takes seconds, which `import moelora` should not pay."""
+    if name != "MoELoRACallback":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if "MoELoRACallback" not in globals():
+        globals()["MoELoRACallback"] = _build_callback()
+    return globals()["MoELoRACallback"]
+
+
+def _build_callback():
     from transformers import TrainerCallback
 
-    return TrainerCallback
+    class MoELoRACallback(TrainerCallback):
+        """Router state per optimizer step (where the optimizer hook cannot see the parameters), router
+        metrics in the logs, and moelora adapter files in every checkpoint folder."""
 
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            core = _core(model)
+            if core is not None:
+                core.update_router_state()  # a no-op when the optimizer hook already did it for this step
 
-class MoELoRACallback(_callback_base()):
-    """Router state per optimizer step (where the optimizer hook cannot see the parameters), router metrics
-    in the logs, and moelora adapter files in every checkpoint folder."""
+        def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+            from .training.metrics import summarise_router_stats
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        core = _core(model)
-        if core is not None:
-            core.update_router_state()  # a no-op when the optimizer hook already did it for this step
+            core = _core(model)
+            if core is None or logs is None:
+                return
+            stats = {name: s for name, s in core.router_stats().items() if s.get("tokens", 1) > 0}  # not empty
+            metrics = summarise_router_stats(stats)
+            if not metrics:
+                return
+            prefix = "eval_" if any(k.startswith("eval_") for k in logs) else ""
+            metrics = {prefix + k: v for k, v in metrics.items()}
+            logs.update(metrics)  # for the reporters that run after this callback
+            if state.log_history:
+                state.log_history[-1].update(metrics)  # Trainer appended this entry just before on_log
+            core.reset_router_stats()
 
-    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        from .training.metrics import summarise_router_stats
+        def on_save(self, args, state, control, model=None, **kwargs):
+            core = _core(model)
+            if core is None:
+                return
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            with core.gathered_adapter():  # a collective under ZeRO-3/FSDP2: every process enters
+                if args.should_save and folder.is_dir():
+                    add_adapter_files(core, folder)
 
-        core = _core(model)
-        if core is None or logs is None:
-            return
-        stats = {name: s for name, s in core.router_stats().items() if s.get("tokens", 1) > 0}  # not an empty window
-        metrics = summarise_router_stats(stats)
-        if not metrics:
-            return
-        prefix = "eval_" if any(k.startswith("eval_") for k in logs) else ""
-        metrics = {prefix + k: v for k, v in metrics.items()}
-        logs.update(metrics)  # for the reporters that run after this callback
-        if state.log_history:
-            state.log_history[-1].update(metrics)  # Trainer appended this entry just before on_log
-        core.reset_router_stats()
-
-    def on_save(self, args, state, control, model=None, **kwargs):
-        core = _core(model)
-        if core is None:
-            return
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        with core.gathered_adapter():
-            if args.should_save and folder.is_dir():
-                add_adapter_files(core, folder)
+    MoELoRACallback.__module__, MoELoRACallback.__qualname__ = __name__, "MoELoRACallback"
+    return MoELoRACallback
 
 
 def add_adapter_files(model, folder: Path) -> None:

@@ -247,11 +247,10 @@ class MoELoRAModel(nn.Module):
     def update_router_state(self, apply: bool = True) -> None:
         """Once per optimizer step: all-reduce every router's pending counts, then update its state.
         `apply=False` drops the pending counts instead (a skipped step must not move the routers)."""
-        # Once per step even when called twice (the optimizer hook, then train.py): with no forward since the
-        # last update there is nothing new to count, so no collective either (every process skips alike).
-        if self.__dict__.get("_router_state_at") == self.context.forward_id:
+        # Once per step when called twice (the optimizer hook, then train.py or a Trainer callback): the call
+        # after the hook's has nothing new to count, so it skips, all-reduce included (every process alike).
+        if self.__dict__.pop("_router_state_current", False):
             return
-        self.__dict__["_router_state_at"] = self.context.forward_id
         pending = [(layer, c) for layer in self.adapter_layers().values() if (c := layer.step_counts()) is not None]
         if not pending:
             return
