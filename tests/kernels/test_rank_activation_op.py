@@ -235,3 +235,36 @@ def test_half_precision_through_the_operator_under_compile():
     f(*ref).backward()
     for got, want in zip(args, ref):
         torch.testing.assert_close(got.grad, want.grad, rtol=TOL[torch.float16][0], atol=1e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [{"name": "smora", "r": 16, "k": 4}])
+def test_a_whole_model_on_the_triton_path_compiles_to_one_graph(method, monkeypatch):
+    """A tiny Llama with a method, MOELORA_BACKEND=triton: the training forward is one graph, and the compiled
+    forward+backward (aot_eager) gives eager's loss and gradients."""
+    import moelora
+    from moelora.base_models import resolve_base_model
+    from tests.conftest import randomize_adapters
+
+    monkeypatch.setenv("MOELORA_BACKEND", "triton")
+    base, _ = resolve_base_model("tiny-random-llama")
+    torch.manual_seed(0)
+    model = moelora.get_moelora_model(base, dict(method))
+    randomize_adapters(model)
+    model.train()
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def loss(ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    explain = torch._dynamo.explain(loss)(ids)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    results = []
+    for fn in (loss, torch.compile(loss, backend="aot_eager", fullgraph=True)):
+        model.zero_grad(set_to_none=True)
+        value = fn(ids)
+        value.backward()
+        results.append({"loss": value.detach(), **{n: p.grad.clone() for n, p in model.named_parameters()
+                                                    if p.grad is not None}})
+    assert len(results[0]) > 1
+    assert_match(results[1], results[0], (1e-5, 1e-6), f"{method['name']} compiled model")
