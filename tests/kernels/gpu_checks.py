@@ -80,8 +80,7 @@ def check_compile() -> None:
     dtype = torch.float32 if SMOKE else torch.bfloat16
     backend = "aot_eager" if SMOKE else "inductor"
     n, d = (48, 32) if SMOKE else (2048, 1024)
-    patterns = ["mixlora_sep"] if SMOKE else ["smora_r64_k8", "experts_8x16_top2",
-                                                             "experts_8x16_dense", "mixlora_sep", "modality_k1"]
+    patterns = ["mixlora_sep"] if SMOKE else ["smora_r64_k8", "mixlora_sep", "experts_8x16_dense"]
     for pattern in patterns:
         case = make_case(pattern, n=n, d_in=d, d_out=d, dtype=dtype, seed=3, device=DEVICE)
         W = (torch.randn(d, d, generator=torch.Generator().manual_seed(4)) / d**0.5).to(DEVICE, dtype)
@@ -105,19 +104,19 @@ def check_compile() -> None:
         torch._dynamo.reset()
         compiled = torch.compile(step, backend=backend, fullgraph=True)
         tol = (1e-5, 1e-5) if dtype == torch.float32 else TOL[dtype]
-        assert_match(grads(compiled), grads(step), tol, f"{pattern} compiled ({backend})")
         seen = ""
-        if not SMOKE:  # Inductor's generated code launches our kernels itself (triton_op is visible to it)
+        if SMOKE:
+            got = grads(compiled)
+        else:  # one Inductor compile: its generated code must launch our kernels itself (triton_op is visible)
             from torch._inductor.utils import run_and_get_code
 
-            torch._dynamo.reset()
-            _, code = run_and_get_code(lambda *t: torch.compile(step, fullgraph=True)(*t).backward(),
-                                       *[v.detach().clone().requires_grad_() for v in leaves])
+            got, code = run_and_get_code(grads, compiled)
             found = [k for k in ("_matmul_kernel", "_routing_kernel", "_sum_slices_kernel") if any(k in c for c in code)]
             assert "_matmul_kernel" in found, f"{pattern}: Inductor's code does not launch the Triton kernels"
             seen = f", Inductor launches {found}"
+        assert_match(got, grads(step), tol, f"{pattern} compiled ({backend})")
         print(f"ok compile {pattern:20s} {str(dtype):15s} 0 graph breaks, matches eager{seen}", flush=True)
-        if not SMOKE:
+        if not SMOKE and pattern == patterns[0]:  # CUDA graphs: one pattern (each compile costs seconds)
             torch._dynamo.reset()
             counters.clear()
             graphed = torch.compile(step, mode="reduce-overhead", fullgraph=True)
