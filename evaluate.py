@@ -82,17 +82,19 @@ def main(argv: list[str] | None = None) -> dict:
     mine = list(examples)[state.process_index :: state.num_processes]
     bar = tqdm(total=len(names) * len(mine), desc="evaluate", unit="task", disable=not state.is_main_process)
     results = {}
-    for name, path in zip(names, ([None] if not args.no_base else []) + checkpoints):
-        model, tokenizer = load_model(path, base_id, args.allow_non_finite)
-        can_see_media = getattr(model, "media_tokens", None) is not None
-        share = {t: examples[t] for t in mine if can_see_media or not needs_media(t)}
-        part = score(model, tokenizer, share, args, bar, name)
-        results[name] = merge(gather(state, part), list(examples))
-        results[name].update(checkpoint=str(path) if path else None, base_model=base_id,
-                             method=getattr(getattr(model, "method_config", None), "method_name", "none"),
-                             expert_names=expert_names(model))
-        del model
-    bar.close()
+    try:  # the bar is closed before any error line is printed
+        for name, path in zip(names, ([None] if not args.no_base else []) + checkpoints):
+            model, tokenizer = load_model(path, base_id, args.allow_non_finite)
+            can_see_media = getattr(model, "media_tokens", None) is not None
+            share = {t: examples[t] for t in mine if can_see_media or not needs_media(t)}
+            part = score(model, tokenizer, share, args, bar, name)
+            results[name] = merge(gather(state, part), list(examples))
+            results[name].update(checkpoint=str(path) if path else None, base_model=base_id,
+                                 method=getattr(getattr(model, "method_config", None), "method_name", "none"),
+                                 expert_names=expert_names(model))
+            del model
+    finally:
+        bar.close()
 
     # --- 5. write per-model results, plots and the comparison ----------------------------------------
     if state.is_main_process:

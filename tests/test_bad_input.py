@@ -86,6 +86,7 @@ CLI_CASES = [
     ("config is not a mapping", lambda t: ["--config", _file(t, "list.yaml", "- a\n- b\n")], "must hold a mapping of keys"),
     # issue 14, item 6: values that used to be accepted and silently trained something wrong
     ("negative max_grad_norm", lambda t: ["max_grad_norm=-1"], "config key 'max_grad_norm': must be >= 0 and finite (0 turns clipping off), got -1.0"),
+    ("NaN max_grad_norm", lambda t: ["max_grad_norm=.nan"], "config key 'max_grad_norm': must be >= 0 and finite (0 turns clipping off), got nan"),
     ("zero epochs", lambda t: ["max_steps=-1", "num_train_epochs=0"], "config key 'num_train_epochs': must be > 0 and finite, got 0.0"),
     ("NaN learning rate", lambda t: ["learning_rate=.nan"], "config key 'learning_rate': must be > 0 and finite, got nan"),
     ("duplicate YAML key", lambda t: ["--config", _file(t, "dup.yaml", "max_steps: 1\nseed: 1\nmax_steps: 2\n")],
