@@ -127,6 +127,61 @@ def _matmul_kernel(
 
 
 @triton.jit
+def _grad_hg_kernel(
+    dy_ptr, b_ptr, h_ptr, idx_ptr, g_ptr, hg_ptr, dh_ptr, dg_ptr,
+    M, N, K, alpha, n_slots, n_blocks, block,
+    stride_dym, stride_dyk, stride_bk, stride_bn, stride_h, stride_idx, stride_g, stride_dg,
+    ROUTE: tl.constexpr, STORE_HG: tl.constexpr, STORE_DH: tl.constexpr, STORE_DG: tl.constexpr,
+    COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dH_g = alpha * dY @ B for a [BLOCK_M tokens, BLOCK_N ranks] tile (unsplit), and the routing's backward
+    in the epilogue, where routing is elementwise (ROUTE: DENSE or SAME) and every block lies inside one rank
+    tile (block divides BLOCK_N): H_g = H * gate (dB's input), dH = dH_g * gate, and dg = <dH_g, H> over each
+    block, stored by the tile that holds the block (a slot with no valid block: zero, by rank tile 0).
+    Outputs are contiguous [M, N] (dg: [M, k] or [M, E]); no routing kernel runs."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        k_mask = offs_k < K
+        a = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_k[None, :] * stride_dyk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(_to_compute(a, COMPUTE), _to_compute(b, COMPUTE), acc, input_precision=PRECISION)
+    acc = acc * alpha
+    mask = m_mask[:, None] & n_mask[None, :]
+    gate = _gate_tile(idx_ptr, g_ptr, stride_idx, stride_g, offs_m, m_mask, offs_n, mask, n_slots, n_blocks, block,
+                      ROUTE, BLOCK_M, BLOCK_N)
+    offs = offs_m[:, None] * N + offs_n[None, :]
+    if STORE_DH:
+        tl.store(dh_ptr + offs, (acc * gate).to(dh_ptr.dtype.element_ty), mask=mask)
+    h = tl.load(h_ptr + offs_m[:, None] * stride_h + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    if STORE_HG:
+        tl.store(hg_ptr + offs, h * gate, mask=mask)
+    if STORE_DG:
+        prod = acc * h
+        tile_lo = pid_n * BLOCK_N  # this tile's first rank; blocks never straddle tiles here
+        blk = offs_n // block
+        if ROUTE == 0:  # DENSE: dg[n, e] for the blocks of this tile
+            for e in range(tile_lo // block, tl.minimum((tile_lo + BLOCK_N) // block, n_blocks)):
+                part = tl.sum(tl.where((blk == e)[None, :], prod, 0.0), axis=1)
+                tl.store(dg_ptr + offs_m * stride_dg + e, part.to(dg_ptr.dtype.element_ty), mask=m_mask)
+        else:  # SAME: the tile holding slot j's block stores dg[n, j]
+            for j in range(n_slots):
+                i = tl.load(idx_ptr + offs_m * stride_idx + j, mask=m_mask, other=-1)
+                part = tl.sum(tl.where(blk[None, :] == i[:, None], prod, 0.0), axis=1)
+                invalid = (i < 0) | (i >= n_blocks)
+                mine = (i * block >= tile_lo) & (i * block < tile_lo + BLOCK_N) & (i < n_blocks)
+                owner = mine | (invalid & (tl.zeros_like(i) + pid_n == 0))
+                tl.store(dg_ptr + offs_m * stride_dg + j, part.to(dg_ptr.dtype.element_ty), mask=m_mask & owner)
+
+
+@triton.jit
 def _route(
     src_ptr, stride_ss, n_split, stride_src, isrc_ptr, idst_ptr, g_ptr, stride_idx, stride_g,
     rows64, row_mask, ranks, mask, n_slots, n_blocks, block,
@@ -431,6 +486,38 @@ def _routing(h, dhg, idx_a, idx_b, gates, block, route, *, store_h=False, need_h
     return h_out, hg, dh, dg
 
 
+def _grad_hg_routed(dy, B, h, idx, gates, scaling, block, route, *, need_hg, need_dh, need_dg, dh_dtype):
+    """(H_g, dH, dg) straight from the dH_g GEMM's epilogue (`_grad_hg_kernel`); None for those not asked for."""
+    (n, d_out), r = dy.shape, B.shape[1]
+    t = tiles_for("grad_hg")
+    new = functools.partial(torch.empty, device=dy.device)
+    hg = new((n, r), dtype=torch.float32) if need_hg else None
+    dh = new((n, r), dtype=dh_dtype) if need_dh else None
+    dg = new(gates.shape, dtype=gates.dtype) if need_dg else None
+    dot_dtype, precision = _compute(B.dtype)
+    _launch(
+        _grad_hg_kernel, (triton.cdiv(n, t.block_m), triton.cdiv(r, t.block_n)),
+        dy, B, h, idx if idx is not None else dy, gates,                       # dY, B, H, indices, gates
+        hg if need_hg else dy, dh if need_dh else dy, dg if need_dg else dy,   # outputs (dummies: never written)
+        n, r, d_out, scaling, gates.shape[1] if route == SAME else 0, r // block, block,  # M, N, K, alpha, ...
+        dy.stride(0), dy.stride(1), B.stride(0), B.stride(1), h.stride(0),     # stride_dym, _dyk, _bk, _bn, _h
+        idx.stride(0) if idx is not None else 0, gates.stride(0), dg.stride(0) if need_dg else 0,
+        ROUTE=route, STORE_HG=need_hg, STORE_DH=need_dh, STORE_DG=need_dg, COMPUTE=dot_dtype, PRECISION=precision,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, **_launch_opts(t, B.dtype),
+    )
+    return hg, dh, dg
+
+
+def _fused_grad_hg(dy, B, block, route, need_dh, need_g) -> bool:
+    """Whether the routing's backward runs in the dH_g GEMM's epilogue: elementwise routing, every block
+    inside one rank tile, and an unsplit reduction over d_out."""
+    t = tiles_for("grad_hg")
+    (n, d_out), r = dy.shape, B.shape[1]
+    if route not in (DENSE, SAME) or not (need_dh or need_g) or t.block_n % block or 0 in (n, d_out, r):
+        return False
+    return _gemm_plan(n, r, d_out, t, True, dy.device)[1] == 1
+
+
 def _sum_splits(results):
     """Each (c, dtype): c itself when unsplit ([M, N]), else its [S, M, N] partials summed and cast to
     dtype -- all of them in one launch (up to two: the weight gradients dA and dB)."""
@@ -496,11 +583,15 @@ def _backward(dy: torch.Tensor, x: Optional[torch.Tensor], A: Optional[torch.Ten
     dy = dy.contiguous()
     ib = idx_b if route == SEPARATE else idx_a
     need_dh = need_h if h_given else (need_x or need_a)
-    dhg = None  # dL/dH_g = s * dY B, [N, R] or split partials
-    if need_dh or need_g:
-        dhg, _ = _gemm(dy, B, alpha=scaling, tiles=tiles_for("grad_hg"), compute=B.dtype, split=True)
     dh_dtype = h.dtype if h_given else torch.float32
-    if route == UNGATED:  # H_g = H, dH = dH_g: a routing launch only to sum split partials
+    dhg = None  # dL/dH_g = s * dY B, [N, R] or split partials
+    fused = _fused_grad_hg(dy, B, block, route, need_dh, need_g)
+    if (need_dh or need_g) and not fused:
+        dhg, _ = _gemm(dy, B, alpha=scaling, tiles=tiles_for("grad_hg"), compute=B.dtype, split=True)
+    if fused:  # dH_g's GEMM also routes it back: H_g, dH and dg from its epilogue, no routing kernel
+        hg, dh, dg = _grad_hg_routed(dy, B, h, idx_a, gates, scaling, block, route, need_hg=need_b,
+                                     need_dh=need_dh, need_dg=need_g, dh_dtype=dh_dtype)
+    elif route == UNGATED:  # H_g = H, dH = dH_g: a routing launch only to sum split partials
         hg, dh, dg = h, None, None
         if need_dh:
             dh = dhg if dhg.dim() == 2 and dhg.dtype == dh_dtype else _routing(
