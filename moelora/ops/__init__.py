@@ -2,7 +2,8 @@
 
     y = out + s * sum_j g[n, j] * B[:, blk(iB[n, j])] @ (A[blk(iA[n, j]), :] @ x[n])
 
-Backends: plain PyTorch, and a Triton kernel (forward + backward) for CUDA tensors.
+Backends: plain PyTorch, and a Triton kernel (forward + backward) for CUDA tensors, registered as the
+PyTorch operators `torch.ops.moelora.rank_activation_fwd` / `_bwd` so torch.compile and CUDA graphs capture it.
 `MOELORA_BACKEND=torch|triton|auto` picks one. `auto` (the default) takes the path measured faster end to end:
 today that is the PyTorch path on GPUs too. On an H100 the Triton kernels spend less GPU time in the
 forward, but a training step is bound by kernel launches, and a Triton launch costs the host 2-3x a torch
