@@ -62,6 +62,8 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     from moelora.data.formatting import Collator, encode_examples
     from moelora.data.media import MultimodalCollator, encode_multimodal_examples
     from moelora.evaluation import evaluate_exact_match, format_results_table
+    from moelora.model import check_token_ids
+    from moelora.supervised_loss import supervised_positions
     from moelora.training.batches import BatchOrder
     from moelora.errors import ConfigError, TrainingError, short_repr
     from moelora.training.output_dir import check_output_dir, claim_output_dir
@@ -122,6 +124,8 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     base.config.use_cache = False  # no KV cache while training; generation turns it back on
+    if cfg.compile:  # in place: `model` stays the module accelerate wraps and evaluation calls (not compiled: generate)
+        model.compile(mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
     if is_main:
         model.print_trainable_parameters()
 
@@ -160,6 +164,7 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
         fill_deepspeed_autos(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, accelerator.num_processes)
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)  # the MoELoRAModel itself (DDP/DeepSpeed wrap it)
+    core.router_state_to_fp32()  # DeepSpeed's bf16/fp16 engine casts every buffer: SMoRA's beta must stay fp32
     # ZeRO-3 gathers every weight collectively in each forward, so evaluation (greedy generation, the same
     # steps everywhere) runs on all processes in lockstep; otherwise the main process evaluates alone.
     evaluates = is_main or (deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3)
@@ -192,12 +197,17 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     window = fresh_window()
     last_loss = None
     world = accelerator.num_processes
+    vocab = core.base_model.get_input_embeddings().num_embeddings
+    # fp16 autocast on a GPU: accelerate's GradScaler skips overflowing steps and lowers the scale itself, which
+    # is loss scaling working, not divergence (an fp16 run overflows in its first steps by design)
+    scaler = getattr(accelerator, "scaler", None)
     params = core.trainable_parameters()
     weights_ok = torch.ones((), dtype=torch.bool, device=accelerator.device)  # after the latest update
     skips_in_a_row = 0
     last_step_loss = None  # the LM loss of the latest applied step (this process's share)
     while counters["step"] < max_steps:
         finite = True
+        loss_finite = True  # the forward's losses (an overflow only in the gradients is loss scaling's business)
         loss_before = window["loss"]
         micro_batches = []
         for _ in range(g):
@@ -205,6 +215,9 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
             labels = core.method_config.task_labels(batch.pop("tasks"))  # for methods routed by task label
             if labels is not None:
                 batch["sample_labels"] = torch.tensor(labels)
+            check_token_ids(batch["input_ids"], vocab)  # on the host batch: no device sync, nothing in a compiled graph
+            if cfg.logits_on_supervised_only:  # the LM head runs only where the loss reads (same loss)
+                batch["supervised_positions"] = supervised_positions(batch["labels"])
             micro_batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
         # The loss is a mean over every response token of the optimizer step, on all processes: then
         # 2 processes x batch b, 1 process x batch 2b and accumulation all give the same gradient.
@@ -216,7 +229,8 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
                 out = model(**batch, num_items_in_batch=step_tokens)
                 aux = out["aux_loss"] if "aux_loss" in out else 0.0  # router losses (e.g. LoRA-Mixer's SBL)
                 lm = out.loss - aux  # this micro-batch's share of the step's token-mean LM loss
-                finite = finite and bool(torch.isfinite(out.loss))
+                loss_finite = loss_finite and bool(torch.isfinite(out.loss))
+                finite = finite and loss_finite
                 # accelerate divides by g and DDP/DeepSpeed average over processes: undo both for the sum.
                 accelerator.backward(lm * (world * g) + aux)
             counters["micro_step"] += 1
@@ -236,7 +250,10 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
         if not weights_were_ok:  # skipping cannot help: the weights themselves are lost
             bar.close()
             raise non_finite_error(cfg, counters["step"], output_dir, weights=True)
-        if finite:
+        if not finite and scaler is not None and loss_finite:  # overflow under loss scaling: the scaler's step
+            optimizer.step()  # skips the update and lowers the scale
+            counters["skipped_steps"] += 1
+        elif finite:
             optimizer.step()
             scheduler.step()
             weights_ok = weights_finite(params)  # read with the next step's flags (or before a save)

@@ -28,6 +28,7 @@ from .layer import AdapterLayer, RoutingContext, adapter_dtype_for, linear_dims
 from .registry import config_from_dict, get_method
 from .hf_trainer import FORWARD_SIGNATURE, fused_outputs, trainer_signature, watch_optimizer_steps
 from .fsdp import fsdp_units, gathered_fsdp
+from .supervised_loss import HeadRows, supervised_loss
 from .targets import find_targets, resolve_default_targets  # noqa: F401  (find_targets: public here too)
 
 CONFIG_NAME = "moelora_config.json"
@@ -126,6 +127,7 @@ class MoELoRAModel(nn.Module):
             setattr(parent, child, layer)
         for layer in self.adapter_layers().values():
             self.place_adapter(layer, like=layer.base_layer.weight)
+        self.head_rows = HeadRows(base_model.get_output_embeddings())  # forward(supervised_positions=...)
 
     # --- adapter precision ------------------------------------------------------------------
     def place_adapter(self, module: nn.Module, like: torch.Tensor) -> nn.Module:
@@ -168,12 +170,22 @@ class MoELoRAModel(nn.Module):
         when the LM loss is computed (labels given), added to `loss`. `fused_lm_head=True` (TRL) returns
         per-token log-probs instead of logits (moelora/hf_trainer.py)."""
         fused_lm_head = kwargs.pop("fused_lm_head", False)
+        positions = kwargs.pop("supervised_positions", None)  # LM head only where the loss is (supervised_loss.py)
         # Routers read the padding mask from the shared context; it stays set for the backward
         # pass so gradient-checkpoint recomputation routes exactly as the forward did. `labels` mark the
         # prompt (-100 positions) for routers that route from it (RoutingContext.prompt_mask).
         self.context.start_forward(attention_mask, sample_labels, labels=kwargs.get("labels"))
         self._check_token_ids(kwargs.get("input_ids", args[0] if args else None))
-        out = self.base_model(*args, attention_mask=attention_mask, **kwargs)
+        if positions is not None and kwargs.get("labels") is not None and self.head_rows.installed:
+            labels, num_items = kwargs.pop("labels"), kwargs.pop("num_items_in_batch", None)
+            self.head_rows.rows = positions
+            try:
+                out = self.base_model(*args, attention_mask=attention_mask, **kwargs)
+            finally:
+                self.head_rows.rows = None
+            out["loss"] = supervised_loss(out.logits, labels, positions, num_items)
+        else:
+            out = self.base_model(*args, attention_mask=attention_mask, **kwargs)
         if self.context.aux_losses:
             aux = torch.stack(self.context.aux_losses).sum()
             out["aux_loss"] = aux

@@ -202,7 +202,8 @@ class XLoRALayer(ExpertBankLayer):
         self.stat_gate_sum.zero_()
 
 
-_FORWARD_ONLY = ("labels", "logits_to_keep", "return_dict", "output_attentions", "output_hidden_states")
+_FORWARD_ONLY = ("labels", "logits_to_keep", "return_dict", "output_attentions", "output_hidden_states",
+                 "supervised_positions", "num_items_in_batch")
 
 
 class XLoRAModel(ExpertBankModel):

@@ -30,7 +30,7 @@ RUN_GLOBS = ("checkpoint-*", *ORPHAN_PATTERNS)
 # model from the checkpoint's weights, so it must match the checkpoint's saved config.
 RESUME_MAY_CHANGE = {"max_steps", "num_train_epochs", "logging_steps", "save_steps", "save_total_limit",
                      "report_to", "num_threads", "output_dir", "overwrite_output_dir", "resume_from_checkpoint",
-                     "compile", "compile_mode", "per_device_eval_batch_size", "save_dtype", "save_format",
+                     "compile", "compile_mode", "logits_on_supervised_only", "per_device_eval_batch_size", "save_dtype", "save_format",
                      "router_collapse_entropy", "router_collapse_stop"}
 
 

@@ -79,6 +79,9 @@ class RunConfig(StrictConfig):
     resume_from_checkpoint: str | bool | None = None  # true: newest checkpoint in output_dir; or a checkpoint path
     report_to: list[str] = dataclasses.field(default_factory=lambda: ["jsonl", "tensorboard"])  # metric sinks
     gradient_checkpointing: bool = False  # trade compute for activation memory
+    compile: bool = False  # torch.compile the training forward (one graph per method; first steps pay the compile)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"  # torch.compile mode; reduce-overhead = CUDA graphs (pair with data.pad_to_multiple_of)
+    logits_on_supervised_only: bool = True  # LM head only at positions the loss reads (same loss; less time and memory)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate autocast; "no" on CPU
     deepspeed: str | None = None  # path to a DeepSpeed JSON (configs/deepspeed/zero2.json) to run under ZeRO
     ddp_comm_hook: Literal["none", "fp16", "bf16"] = "none"  # DDP only: all-reduce gradients in 16 bits (half the bytes; not bitwise equal to 1 process)
