@@ -1,9 +1,10 @@
 """Chat formatting and batching: turn examples into token ids with prompt-masked labels.
 
-An example is either ``{"task", "instruction", "response"}`` or ``{"task", "messages": [...]}`` (the
-last assistant message is the response; everything before it is the prompt). The prompt is rendered
-with the tokenizer's chat template plus the generation prompt, so training sees exactly the text that
-evaluation will feed to ``generate``.
+An example is either ``{"task", "instruction", "response"}`` or ``{"task", "messages": [...]}``. The
+prompt is rendered with the tokenizer's chat template plus the generation prompt, so training sees exactly
+the text that evaluation will feed to ``generate``. In a multi-turn chat every assistant turn is trained
+(its content + end-of-turn token); system and user turns and the template's role headers are masked. For
+generation (evaluation) the last assistant message is the target and everything before it the prompt.
 """
 
 from __future__ import annotations
@@ -51,36 +52,68 @@ def build_generation_prompts(tokenizer, examples: Sequence[dict]) -> list[str]:
     return [split_prompt_response(tokenizer, ex)[0] for ex in examples]
 
 
+def chat_segments(tokenizer, example: dict) -> list[tuple[str, str]]:
+    """``[(context text, response text), ...]``: one pair per trained assistant turn, in order.
+
+    The conversation up to assistant turn k is ``context_1 + response_1 + END + ... + context_k``, where
+    ``context_k`` is what the chat template renders between the end of turn k-1 and the generation prompt
+    of turn k (the "\\n", the user turn, the ``<|im_start|>assistant\\n`` header). This needs the template to
+    render a prefix of a chat as a prefix of the whole chat; templates that rewrite earlier turns (e.g.
+    drop earlier reasoning) do not, and then only the last assistant turn is trained, as for a
+    single-turn example (the earlier turns are prompt context)."""
+    prompt, response = split_prompt_response(tokenizer, example)
+    msgs = example.get("messages")
+    # An assistant message that opens the chat answers nothing: it stays context.
+    turns = [i for i, m in enumerate(msgs or []) if m.get("role") == "assistant" and i > 0]
+    if len(turns) < 2:
+        return [(prompt, response)]
+    end = end_of_turn_token(tokenizer)
+    segments, rendered = [], ""
+    for i in turns:
+        context = tokenizer.apply_chat_template(msgs[:i], add_generation_prompt=True, tokenize=False)
+        if not context.startswith(rendered):  # the template rewrote an earlier turn: last turn only
+            return [(prompt, response)]
+        content = msgs[i]["content"]
+        segments.append((context[len(rendered):], content))
+        rendered = context + content + end
+    return segments
+
+
 def encode_examples(tokenizer, examples: Sequence[dict], max_length: int) -> list[dict]:
     """Batch version of :func:`encode_example` (one fast-tokenizer call per side)."""
     if max_length < 2:
         raise DataError(f"max_length must be at least 2, got {max_length}")
-    pairs = [split_prompt_response(tokenizer, ex) for ex in examples]
-    if not pairs:
+    segmented = [chat_segments(tokenizer, ex) for ex in examples]
+    if not segmented:
         return []
     end_id = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
-    # Prompt and completion are tokenised separately and concatenated, so the boundary is exact and
-    # the prompt ids equal what evaluation feeds to generate().
-    prompt_ids = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
-    resp_ids = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
-    out = []
-    for ex, p, r in zip(examples, prompt_ids, resp_ids):
-        completion = list(r) + [end_id]
-        keep = max_length - len(completion)
-        if keep < 1:  # need at least one prompt token to predict the first response token from
+    # Contexts and responses are tokenised separately and concatenated, so every boundary is exact and
+    # the last context's ids equal what evaluation feeds to generate() (for a single-turn example the
+    # context is the whole prompt).
+    flat = [seg for segs in segmented for seg in segs]
+    context_ids = tokenizer([c for c, _ in flat], add_special_tokens=False)["input_ids"]
+    resp_ids = tokenizer([r for _, r in flat], add_special_tokens=False)["input_ids"]
+    out, k = [], 0
+    for ex, segs in zip(examples, segmented):
+        input_ids, labels = [], []
+        for c, r in zip(context_ids[k : k + len(segs)], resp_ids[k : k + len(segs)]):
+            completion = list(r) + [end_id]
+            input_ids += list(c) + completion
+            labels += [IGNORE_INDEX] * len(c) + completion
+        k += len(segs)
+        if len(completion) + 1 > max_length:  # at least one context token to predict the first response token from
             raise DataError(
                 f"response of task '{ex.get('task', '?')}' is {len(completion)} tokens (with end token), "
                 f"which does not fit max_length={max_length}; raise max_length or shorten the response"
             )
-        p = list(p)[-keep:]  # truncate from the left: the end of the prompt matters most
-        out.append(
-            {"input_ids": p + completion, "labels": [IGNORE_INDEX] * len(p) + completion, "task": ex.get("task", "")}
-        )
+        # Truncate from the left: the end of the chat (the last response and its prompt) matters most.
+        out.append({"input_ids": input_ids[-max_length:], "labels": labels[-max_length:], "task": ex.get("task", "")})
     return out
 
 
 def encode_example(tokenizer, example: dict, max_length: int) -> dict:
-    """``{"input_ids", "labels", "task"}`` with labels ``-100`` on the prompt, loss on response + end token."""
+    """``{"input_ids", "labels", "task"}`` with labels ``-100`` on the prompt, loss on every assistant
+    response + its end token."""
     return encode_examples(tokenizer, [example], max_length)[0]
 
 

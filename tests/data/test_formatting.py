@@ -62,26 +62,72 @@ def test_response_longer_than_max_length_names_task(tok):
         encode_example(tok, {"task": "essay", "instruction": "hi", "response": "y" * 40}, max_length=16)
 
 
-def test_chat_messages_train_only_last_assistant(tok):
-    example = {
-        "task": "chat",
-        "messages": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello"},
-            {"role": "user", "content": "Capital of France?"},
-            {"role": "assistant", "content": "Paris"},
-        ],
-    }
-    enc = encode_example(tok, example, max_length=256)
-    assert tok.decode(_labelled(enc)) == "Paris<|im_end|>"
-    text = tok.decode(enc["input_ids"])
-    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
-    assert "<|im_start|>assistant\nHello<|im_end|>\n" in text  # earlier turn is context, not loss
-    prompt = build_generation_prompts(tok, [example])[0]
+CHAT = {
+    "task": "chat",
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris"},
+    ],
+}
+
+
+def test_chat_trains_every_assistant_turn_token_by_token(tok):
+    enc = encode_example(tok, CHAT, max_length=256)
+    ids, labels = enc["input_ids"], enc["labels"]
+    # The whole chat, as the template renders it (each turn ends with <|im_end|>, then "\n").
+    full = tok.apply_chat_template(CHAT["messages"], tokenize=False)
+    assert tok.decode(ids) + "\n" == full
+    # Expected mask, built piece by piece: each piece's tokens either all supervised or all -100.
+    pieces = [
+        ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Hello<|im_end|>", True),
+        ("\n<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Paris<|im_end|>", True),
+    ]
+    expected = []
+    for text, trained in pieces:
+        piece = tok(text, add_special_tokens=False)["input_ids"]
+        expected += [(t, t if trained else IGNORE_INDEX) for t in piece]
+    assert list(zip(ids, labels)) == expected
+    # Token by token: every supervised token belongs to an assistant response, and every token of both
+    # responses (with their end tokens) is supervised; the role headers are masked.
+    header = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    assert tok.decode([t for t, l in zip(ids, labels) if l != IGNORE_INDEX]) == "Hello<|im_end|>Paris<|im_end|>"
+    for i in range(len(ids) - len(header) + 1):
+        if ids[i : i + len(header)] == header:
+            assert labels[i : i + len(header)] == [IGNORE_INDEX] * len(header)
+    # Generation still targets the last turn, from the same prompt ids as training's last context.
+    prompt = build_generation_prompts(tok, [CHAT])[0]
     assert prompt.endswith("Capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    n_last = len(tok("Paris", add_special_tokens=False)["input_ids"]) + 1
+    assert tok.decode(ids[:-n_last]) == prompt
     with pytest.raises(DataError, match="no assistant"):
         encode_example(tok, {"task": "c", "messages": [{"role": "user", "content": "q"}]}, 64)
+
+
+def test_chat_truncation_keeps_the_last_turn(tok):
+    enc = encode_example(tok, CHAT, max_length=12)
+    assert len(enc["input_ids"]) == 12 == len(enc["labels"])
+    full = encode_example(tok, CHAT, max_length=256)
+    assert enc["input_ids"] == full["input_ids"][-12:] and enc["labels"] == full["labels"][-12:]
+
+
+def test_template_that_rewrites_earlier_turns_trains_last_turn_only(tok):
+    import copy
+
+    tok = copy.deepcopy(tok)
+    # A template that renders earlier assistant turns differently once the chat goes on (as templates that
+    # drop earlier reasoning do): a prefix of the chat is no prefix of the chat, so only the last turn trains.
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['role'] == 'assistant' and not loop.last %}[earlier]{% else %}{{ m['content'] }}{% endif %}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    enc = encode_example(tok, CHAT, max_length=256)
+    assert tok.decode([t for t in enc["labels"] if t != IGNORE_INDEX]) == "Paris<|im_end|>"
 
 
 def test_end_token_falls_back_to_eos_without_chatml():
