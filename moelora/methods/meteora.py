@@ -11,7 +11,7 @@ seven projections of a Llama block), and each adapted linear has its own gate on
 
 The gates are trained with the LM loss plus a *supervised* gate loss towards each sample's task:
 
-    L = L_LM + lambda * mean over every gate and real token of CE(z, task of the token's sample)
+    L = L_LM + lambda * mean over every gate and token t whose next token is real of CE(z_t, task of the sample)
 
 (lambda = `gate_loss_coef`, 50 in the reference; one mean over the concatenated gates equals the mean of
 the per-module means, since every module sees the same tokens). The task ids arrive as `sample_labels`:
@@ -108,8 +108,11 @@ class MeteoRALayer(ExpertBankLayer):
         if labels is None or self.config.gate_loss_coef == 0 or not (self.training and torch.is_grad_enabled()):
             return
         n = logits.shape[0]
-        w = token_weights(self.context.flat_mask(n), n, logits)
-        ce = supervised_gate_loss(logits, per_token(labels.to(logits.device), n, "sample_labels"), w)
+        targets = per_token(labels.to(logits.device), n, "sample_labels")
+        # The reference's shift, CE(z[:, :-1], y[:, 1:]): position t counts when token t+1 is real.
+        real = token_weights(self.context.flat_mask(n), n, logits).view(labels.shape[0], -1)
+        w = torch.cat([real[:, 1:], real.new_zeros(real.shape[0], 1)], dim=1).reshape(-1)
+        ce = supervised_gate_loss(logits, targets, w)
         # Checkpoint recomputation runs the same ops (saved tensors line up), but the forward already added it.
         if in_backward():
             return

@@ -109,7 +109,7 @@ def test_gate_loss_is_lambda_times_the_mean_ce_over_every_gate(batch):
     for name, layer in layers.items():
         z = inputs[name] @ layer.gate.detach().t()  # [B, T, E]
         nll = -torch.log_softmax(z, -1).gather(-1, labels.view(2, 1, 1).expand(2, z.shape[1], 1)).squeeze(-1)
-        ces.append(nll[mask].mean())  # real tokens only
+        ces.append(nll[:, :-1][mask[:, 1:]].mean())  # the reference's shift: position t when token t+1 is real
     want = 50.0 * torch.stack(ces).mean()  # one mean over the concatenated gates = mean of the per-gate means
     torch.testing.assert_close(out.aux_loss, want, atol=1e-4, rtol=1e-5)
     assert model.method_config.task_labels(["sort", "other", "add"]) == [1, -100, 0]
@@ -132,7 +132,7 @@ def test_gate_loss_trains_the_gates_towards_the_task(batch):
     with torch.no_grad():
         model(**batch)
     loads = [s["load"][1] for s in model.router_stats().values()]
-    assert min(loads) > 0.9  # every gate now routes (nearly) all tokens to the labelled expert
+    assert min(loads) > 0.8  # every gate routes the tokens to the labelled expert (the last has no label: shift)
 
 
 @pytest.fixture(scope="module")
