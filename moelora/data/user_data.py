@@ -1,8 +1,10 @@
 """User data files (JSON lines / JSON / Parquet) loaded with `datasets` and normalised to examples.
 
-Each row is either instruction style (``instruction`` + optional ``input`` + ``response`` or
-``output``) or chat style (``messages``: a list of ``{"role", "content"}``), and every row carries a
-task name (``task`` by default). Rows come back as ``{"task", "instruction", "response"}`` or
+Each row is instruction style (``instruction`` + optional ``input`` + ``response`` or ``output``),
+OpenAI chat style (``messages``: a list of ``{"role", "content"}``) or ShareGPT style (``conversations``:
+a list of ``{"from", "value"}`` with ``from`` one of human/gpt/system, or user/assistant). A row may name
+its task (``task`` by default); rows without one get ``default_task``, unless the caller requires a task
+(methods that route by task label). Rows come back as ``{"task", "instruction", "response"}`` or
 ``{"task", "messages"}``, ready for :mod:`moelora.data.formatting`. Bad input raises ``DataError``
 naming the file (and the first bad row index).
 """
@@ -16,10 +18,18 @@ import tempfile
 from moelora.errors import DataError, short_repr
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# ShareGPT speaker names -> chat roles (ShareGPT exports use human/gpt; some use the OpenAI names).
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
+DEFAULT_TASK = "default"  # the task of rows that name none (per-task metrics then show one row)
 
 
-def load_user_data(paths: list[str] | str, task_field: str = "task") -> list[dict]:
-    """Load and validate every file in ``paths``; returns the concatenated normalised examples."""
+def load_user_data(paths: list[str] | str, task_field: str = "task", default_task: str = DEFAULT_TASK,
+                   task_required_by: str | None = None) -> list[dict]:
+    """Load and validate every file in ``paths``; returns the concatenated normalised examples.
+
+    A row without a task field gets ``default_task``; with ``task_required_by`` (why a task is needed, e.g.
+    "method lora_mixer routes each row by its task") such a row is an error naming the file and row."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if not paths:
@@ -27,7 +37,8 @@ def load_user_data(paths: list[str] | str, task_field: str = "task") -> list[dic
     out: list[dict] = []
     for path in paths:
         rows = _read_rows(os.fspath(path))
-        out.extend(_normalise(path, i, row, task_field) for i, row in enumerate(rows))
+        out.extend(_normalise(path, i, row, task_field, default_task, task_required_by)
+                   for i, row in enumerate(rows))
     return out
 
 
@@ -94,15 +105,37 @@ def _text(value) -> str | None:
     return None
 
 
-def _normalise(path, i: int, row: dict, task_field: str) -> dict:
+def _sharegpt_messages(where: str, turns) -> list[dict]:
+    """ShareGPT ``conversations`` -> OpenAI-style messages (roles mapped by SHAREGPT_ROLES)."""
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: 'conversations' must be a non-empty list of {{from, value}}")
+    msgs = []
+    for j, t in enumerate(turns):
+        if not isinstance(t, dict) or not isinstance(t.get("from"), str) or _text(t.get("value")) is None:
+            raise DataError(f"{where}: conversations[{j}] needs string 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(t["from"].strip().lower())
+        if role is None:
+            raise DataError(f"{where}: conversations[{j}] has 'from': {short_repr(t['from'])}; expected one of "
+                            f"{', '.join(SHAREGPT_ROLES)}")
+        msgs.append({"role": role, "content": _text(t["value"])})
+    return msgs
+
+
+def _normalise(path, i: int, row: dict, task_field: str, default_task: str = DEFAULT_TASK,
+               task_required_by: str | None = None) -> dict:
     where = f"data file '{path}', row index {i}"
     task = row.get(task_field)
     if task is not None and not isinstance(task, str):
         raise DataError(f"{where}: task field '{task_field}' must be a task name (a string), got "
                         f"{type(task).__name__} {short_repr(task)}")
     if task is None or not task.strip():
-        raise DataError(f"{where}: missing or empty task field '{task_field}' (every row needs one)")
+        if task_required_by:
+            raise DataError(f"{where}: missing or empty task field '{task_field}' ({task_required_by}, so "
+                            "every row needs one)")
+        task = default_task
     task = task.strip()
+    if row.get("messages") is None and row.get("conversations") is not None:
+        row = {**row, "messages": _sharegpt_messages(where, row["conversations"])}
     if row.get("messages") is not None:
         msgs = row["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -126,7 +159,7 @@ def _normalise(path, i: int, row: dict, task_field: str) -> dict:
                             f"{short_repr(value)}")
     instruction = _text(row.get("instruction"))
     if not instruction:
-        raise DataError(f"{where}: needs 'instruction' + 'response'/'output', or 'messages'")
+        raise DataError(f"{where}: needs 'instruction' + 'response'/'output', 'messages' or 'conversations'")
     response = _text(row.get("response")) if row.get("response") is not None else _text(row.get("output"))
     if response is None or not response.strip():
         raise DataError(f"{where}: missing or empty 'response' (or 'output')")

@@ -77,12 +77,59 @@ def test_corrupt_parquet_names_path(tmp_path):
         load_user_data([str(path)])
 
 
-def test_missing_task_field_names_file_and_first_bad_row(tmp_path):
+def test_rows_without_task_get_the_default_task(tmp_path):
+    rows = [ROWS[0], {"instruction": "x", "response": "y"}, {"task": "  ", "instruction": "z", "output": "w"}]
+    path = _jsonl(tmp_path / "notask.jsonl", rows)
+    assert [r["task"] for r in load_user_data([path])] == ["qa", "default", "default"]
+    assert [r["task"] for r in load_user_data([path], default_task="mine")] == ["qa", "mine", "mine"]
+
+
+def test_missing_task_when_required_names_file_and_first_bad_row(tmp_path):
     rows = [ROWS[0], ROWS[0], {"instruction": "x", "response": "y"}, {"instruction": "z", "response": "w"}]
     path = _jsonl(tmp_path / "notask.jsonl", rows)
     with pytest.raises(DataError) as err:
+        load_user_data([path], task_required_by="method lora_mixer routes each row by its task")
+    msg = str(err.value)
+    assert "notask.jsonl" in msg and "row index 2" in msg and "'task'" in msg and "lora_mixer" in msg
+
+
+SHAREGPT = {
+    "conversations": [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "Hi"},
+        {"from": "gpt", "value": "Hello"},
+        {"from": "user", "value": "2+2?"},
+        {"from": "assistant", "value": 4},
+    ]
+}
+
+
+def test_sharegpt_rows_become_chat_messages(tmp_path):
+    path = _jsonl(tmp_path / "sharegpt.jsonl", [SHAREGPT, {"task": "chat", **SHAREGPT}, CHAT, ROWS[0]])
+    rows = load_user_data([path])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"}]
+    assert rows == [{"task": "default", "messages": messages}, {"task": "chat", "messages": messages},
+                    CHAT, EXPECTED[0]]
+    tok = build_tiny_tokenizer()
+    enc = encode_example(tok, rows[0], 128)
+    assert tok.decode([t for t in enc["labels"] if t != -100]) == "Hello<|im_end|>4<|im_end|>"
+    as_text = {"conversations": [{**t, "value": str(t["value"])} for t in SHAREGPT["conversations"]]}
+    pq.write_table(pa.Table.from_pylist([as_text]), tmp_path / "sharegpt.parquet")
+    assert load_user_data(str(tmp_path / "sharegpt.parquet")) == rows[:1]
+
+
+@pytest.mark.parametrize("turns, match", [
+    ([{"from": "robot", "value": "x"}], r"conversations\[0\] has 'from': 'robot'"),
+    ([{"from": "human"}], r"conversations\[0\] needs string 'from' and 'value'"),
+    ([], "'conversations' must be a non-empty list"),
+    ([{"from": "human", "value": "q"}], "no assistant"),
+])
+def test_bad_sharegpt_rows_name_file_and_row(tmp_path, turns, match):
+    path = _jsonl(tmp_path / "bad.jsonl", [SHAREGPT, {"conversations": turns}])
+    with pytest.raises(DataError, match=r"bad.jsonl', row index 1: .*" + match):
         load_user_data([path])
-    assert "notask.jsonl" in str(err.value) and "row index 2" in str(err.value) and "'task'" in str(err.value)
 
 
 def test_row_without_response_or_assistant(tmp_path):
