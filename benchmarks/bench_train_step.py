@@ -3,11 +3,13 @@
 
     python benchmarks/bench_train_step.py --json benchmarks/results/train_step.json     # every case
     python benchmarks/bench_train_step.py --cases peft_lora64 smora64_8 --steps 3 --no-memory
+    python benchmarks/bench_train_step.py --batches instruction --compile --no-memory   # instruction data, compiled
     python benchmarks/bench_train_step.py --device cuda --dtype bf16 --base random-smollm2-135m --seq 512 \
         --backends torch triton --no-memory --json benchmarks/results/h100/train_step_gpu.json  # on a GPU
 
-Time: every case is built in this one process on the same base weights and runs the same kind of batch
-(random token ids, batch x seq, labels = inputs; the modality case also gets images and speech) with AdamW
+Time: every case is built in this one process on the same base weights and runs the same batch
+(--batches lm: random token ids, batch x seq, labels = inputs; --batches instruction: built-in suite examples,
+labels on the response only; the modality case also gets images and speech) with AdamW
 over its trainable parameters: zero_grad + forward + backward + step (+ the router update of methods that
 have one), as `research/peft-anchors.md` measures PEFT. Cases run interleaved (round robin over the timed
 repeats), so drift on a shared machine hits every case alike; medians with min-max, and each ratio is the
@@ -36,20 +38,32 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from cases import (CASES, DTYPES, add_device_args, build_case, make_batch, machine, peft_xlora_head,  # noqa: E402
-                   sync, trainable)
+from cases import (CASES, DTYPES, add_device_args, build_case, make_batch, make_instruction_batch,  # noqa: E402
+                   machine, peft_xlora_head, sync, trainable)
+
+from moelora.model import MoELoRAModel  # noqa: E402
+from moelora.supervised_loss import supervised_positions  # noqa: E402
 
 TRAIN_CASES = [n for n in CASES if n != "base"]
+TOKENS: dict[str, int] = {}  # real (non-pad) tokens in each case's batch, for tokens/s
 
 
-def make_step(model, batch):
+def make_step(model, batch, compiled: bool = False):
+    """One training step of `model` on `batch`. Labels: the batch's own (instruction batches: response only) or
+    the inputs. Our methods get the LM head at supervised positions only, as train.py runs them; PEFT full
+    logits, as transformers.Trainer runs it. `compiled`: torch.compile (Inductor) on both alike."""
     optimizer = torch.optim.AdamW(trainable(model), lr=1e-4)
     model.train()
     update = getattr(model, "update_router_state", None)
+    inputs = dict(batch)
+    inputs.setdefault("labels", batch["input_ids"])
+    if isinstance(model, MoELoRAModel):
+        inputs["supervised_positions"] = supervised_positions(inputs["labels"].cpu()).to(inputs["labels"].device)
+    run = torch.compile(model) if compiled else model
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss = run(**inputs).loss
         loss.backward()
         optimizer.step()
         if update is not None:
@@ -84,9 +98,15 @@ def build_all(names, args, workdir):
         if name == "peft_xlora":
             head = peft_xlora_head(model)
         vocab = model.get_input_embeddings().num_embeddings
-        batch = make_batch(name, vocab, args.batch, args.seq, gen, getattr(model, "media_tokens", None),
-                           args.device, DTYPES[args.dtype])
-        steps[name], params[name] = make_step(model, batch), sum(p.numel() for p in trainable(model))
+        media = getattr(model, "media_tokens", None)
+        gen.manual_seed(0)  # every case trains on the same batch
+        if args.batches == "instruction":
+            batch = make_instruction_batch(name, vocab, args.batch, gen, media, args.device, DTYPES[args.dtype])
+        else:
+            batch = make_batch(name, vocab, args.batch, args.seq, gen, media, args.device, DTYPES[args.dtype])
+        steps[name] = make_step(model, batch, compiled=args.compile)
+        TOKENS[name] = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        params[name] = sum(p.numel() for p in trainable(model))
     return steps, params
 
 
@@ -106,7 +126,7 @@ def memory_of(name: str, args, workdir: Path) -> float:
     """Peak memory (MiB) of a child process that builds the case and runs 2 steps."""
     cmd = [sys.executable, __file__, "--child", name, "--base", args.base, "--batch", str(args.batch),
            "--seq", str(args.seq), "--threads", str(args.threads), "--workdir", str(workdir),
-           "--device", args.device, "--dtype", args.dtype]
+           "--device", args.device, "--dtype", args.dtype, "--batches", args.batches] + (["--compile"] if args.compile else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"memory child for case {name} failed:\n{out.stderr[-3000:]}")
@@ -126,6 +146,10 @@ def main(argv=None):
     parser.add_argument("--backends", nargs="+", choices=["torch", "triton"],
                         help="time our methods on each of these op backends (rows NAME@BACKEND) instead of "
                              "MOELORA_BACKEND's choice; triton needs a GPU")
+    parser.add_argument("--batches", choices=["lm", "instruction"], default="lm",
+                        help="lm: random ids, labels = inputs (batch x seq); instruction: the built-in suite's "
+                             "examples, labels on the response only (--seq unused)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every case (ours and PEFT's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-case child processes")
     parser.add_argument("--memory-only", action="store_true", help="only the per-case child processes")
     parser.add_argument("--workdir", default=None, help="X-LoRA expert folders (default: a temp dir)")
@@ -174,9 +198,10 @@ def main(argv=None):
             times[name].append(time.perf_counter() - t0)
         gc.collect()
 
-    tokens = args.batch * args.seq
-    header = (f"{machine(args)}, torch {torch.__version__}, {args.dtype}, "
-              f"{args.base}, batch {args.batch} x seq {args.seq}, median of {args.steps} after {args.warmup} warm-up, "
+    shape = (f"batch {args.batch} x seq {args.seq} (labels = inputs)" if args.batches == "lm" else
+             f"{args.batch} built-in-suite examples (labels on the response)")
+    header = (f"{machine(args)}, torch {torch.__version__}, {args.dtype}, {'compiled, ' if args.compile else ''}"
+              f"{args.base}, {shape}, median of {args.steps} after {args.warmup} warm-up, "
               f"1-min load average {os.getloadavg()[0]:.2f} at the end")
     print("# " + header)
     print(f"| case | peer | trainable | median s/step | min-max s | tokens/s | time vs peer | {mem_label} "
@@ -192,7 +217,7 @@ def main(argv=None):
         rows[name] = {"median_s": med, "times_s": times[name], "trainable": params[name], "peer": peer,
                       "time_ratio": ratio, "peak_rss_mib": mem, "rss_ratio": mem_ratio}
         print(f"| {name} | {peer or '–'} | {params[name]:,} | {med:.4f} | {min(times[name]):.4f}-{max(times[name]):.4f} "
-              f"| {tokens / med:.0f} | {f'{ratio:.2f}x' if ratio else '–'} | {f'{mem:.0f}' if mem else '–'} "
+              f"| {TOKENS[name.split('@')[0]] / med:.0f} | {f'{ratio:.2f}x' if ratio else '–'} | {f'{mem:.0f}' if mem else '–'} "
               f"| {f'{mem_ratio:.2f}x' if mem_ratio else '–'} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

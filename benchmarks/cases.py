@@ -75,18 +75,18 @@ CASES: dict[str, Case] = {
 }
 
 
-def load_base(base_name: str, device: str = "cpu"):
-    """The base model of a benchmark: a built-in name or folder (moelora's resolver), or a random-weight shape
-    (RANDOM_SHAPES), which is built on `device`."""
+def load_base(base_name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """The base model of a benchmark in `dtype`: a built-in name or folder (moelora's resolver), or a random-weight
+    shape (RANDOM_SHAPES), which is built on `device`."""
     if base_name in RANDOM_SHAPES:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         with torch.random.fork_rng(devices=[]), torch.device(device):
             torch.manual_seed(1234)
-            return LlamaForCausalLM(LlamaConfig(**RANDOM_SHAPES[base_name]))
+            return LlamaForCausalLM(LlamaConfig(**RANDOM_SHAPES[base_name])).to(dtype)
     from moelora.base_models import resolve_base_model
 
-    return resolve_base_model(base_name)[0]
+    return resolve_base_model(base_name, dtype=dtype)[0]
 
 
 def add_device_args(parser) -> None:
@@ -133,18 +133,19 @@ def make_experts(base_name: str, folder: Path, n: int = N_EXPERTS) -> dict[str, 
 
 def build_case(name: str, base_name: str, workdir: Path, xlora_head: dict | None = None,
                device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """The model of case `name` on a fresh copy of the base, moved to `device` and `dtype` (adapters too,
-    ours and PEFT's alike). X-LoRA: PEFT's classifier weights are copied into ours (`xlora_head`, from
+    """The model of case `name` on a fresh copy of the base in `dtype`, moved to `device`. Adapters take each
+    library's own default precision, as users get it: fp32 under a 16-bit base for PEFT (autocast_adapter_dtype)
+    and for moelora alike. X-LoRA: PEFT's classifier weights are copied into ours (`xlora_head`, from
     `peft_xlora_head`), so both compute the same function."""
-    return _build(name, base_name, workdir, xlora_head, device).to(device, dtype)
+    return _build(name, base_name, workdir, xlora_head, device, dtype).to(device)
 
 
-def _build(name, base_name, workdir, xlora_head, device="cpu"):
+def _build(name, base_name, workdir, xlora_head, device="cpu", dtype=torch.float32):
     import moelora
 
     case = CASES[name]
     torch.manual_seed(0)
-    base = load_base(base_name, device)
+    base = load_base(base_name, device, dtype)
     if case.kind == "base":
         return base
     if case.kind == "peft":
@@ -195,6 +196,49 @@ def make_batch(name: str, vocab: int, batch: int, seq: int, gen: torch.Generator
         out.update(media_mask=media_mask,
                    images=torch.randn(half, 3, 16, 16, generator=gen),
                    audio=torch.randn(batch - half, 40, 160, generator=gen))
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in out.items()}
+
+
+# The built-in suite through SmolLM2's chat template: 49 tokens per example on average, 9% of them supervised
+# (response + end of turn; 3-19% per example). Measured with encode_examples(tokenizer, build_task_suite("all",
+# 50, 1, 0), 256) on 2026-12-02; used for instruction batches when SmolLM2's tokenizer is not installed.
+SUITE_SUPERVISED_FRACTION = 0.09
+SUITE_MEAN_LENGTH = 49
+
+
+def make_instruction_batch(name: str, vocab: int, batch: int, gen: torch.Generator, media_tokens=None,
+                           device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """A batch shaped like instruction data: the built-in suite's examples (chat template, right padding), labels
+    on the response only (prompt and padding -100), as train.py and a Trainer/TRL script see them. With SmolLM2's
+    tokenizer installed and a 49152-token vocabulary (SmolLM2 or its random twin) the rows are real suite
+    examples; otherwise random ids of the suite's mean length with its supervised fraction at the end of each row."""
+    tokenizer = None
+    if vocab == SMOLLM2_SHAPE["vocab_size"]:
+        try:
+            from moelora.base_models import resolve_tokenizer
+
+            tokenizer = resolve_tokenizer("smollm2-135m-instruct")
+        except Exception:  # the package is not installed (e.g. a GPU machine): synthesise below
+            tokenizer = None
+    if tokenizer is not None:
+        from moelora.data.formatting import Collator, encode_examples
+        from moelora.data.tasks import build_task_suite
+
+        train, _ = build_task_suite("all", max(1, batch), 0, 0)
+        order = torch.randperm(len(train), generator=gen)[:batch].tolist()
+        encoded = encode_examples(tokenizer, [train[i] for i in order], 256)
+        out = {k: v for k, v in Collator(tokenizer.pad_token_id)(encoded).items() if k in ("input_ids", "attention_mask", "labels")}
+    else:
+        seq = SUITE_MEAN_LENGTH
+        ids = torch.randint(3, vocab, (batch, seq), generator=gen)
+        labels = ids.clone()
+        labels[:, : seq - max(1, round(SUITE_SUPERVISED_FRACTION * seq))] = -100
+        out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    if CASES[name].media:  # images/speech over the first prompt positions (masked anyway), as make_batch
+        media = make_batch(name, vocab, batch, out["input_ids"].shape[1], gen, media_tokens)
+        n = max(media_tokens.values())
+        out["labels"][:, :n] = -100
+        out.update({k: v for k, v in media.items() if k != "input_ids"})
     return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in out.items()}
 
 

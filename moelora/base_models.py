@@ -101,6 +101,18 @@ def resolve_base_model(
     return model, tok
 
 
+def resolve_tokenizer(name: str = DEFAULT_BASE_MODEL) -> PreTrainedTokenizerBase:
+    """The tokenizer of a built-in name or local folder, without loading the model's weights."""
+    from transformers import AutoTokenizer
+
+    if name in (TINY_LLAMA, TINY_GPT2):
+        tok = build_tiny_tokenizer()
+    else:
+        tok = AutoTokenizer.from_pretrained(str(_smollm2_folder() if name == SMOLLM2 else _check_folder(name)))
+    _ensure_pad_token(tok)
+    return tok
+
+
 def base_model_id(name: str) -> str:
     """A stable id string for manifests: adapters record it and refuse to load onto another base."""
     if name == SMOLLM2:

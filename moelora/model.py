@@ -433,6 +433,9 @@ class MoELoRAModel(nn.Module):
         else:
             pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
             hint = f"; found only pickle files {pickles}, which moelora never loads" if pickles else ""
+            if (path / "model.safetensors").is_file():  # transformers.Trainer.save_model() wrote only that
+                hint += ("; a Trainer.save_model() folder holds the adapter without its config: save with "
+                         "model.save_pretrained(dir), or load a checkpoint-N folder (those carry the moelora files)")
             raise CheckpointError(f"{path} holds no adapter: expected {CONFIG_NAME} (moelora) or "
                                   f"adapter_config.json (PEFT){hint}")
         model.train(is_trainable)

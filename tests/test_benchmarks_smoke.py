@@ -28,6 +28,26 @@ def test_train_step_benchmark_pairs_every_case_with_its_peer(tmp_path):
 
 
 @pytest.mark.slow
+def test_train_step_benchmark_on_instruction_batches(tmp_path):
+    """--batches instruction: every case trains on the same suite-shaped batch (response-only labels); ours with
+    the LM head at supervised positions, PEFT with full logits."""
+    import bench_train_step
+    import cases
+
+    out = tmp_path / "train.json"
+    bench_train_step.main(["--base", "tiny-random-llama", "--cases", "lora8", "--batches", "instruction",
+                           "--steps", "1", "--warmup", "0", "--no-memory", "--json", str(out)])
+    got = json.loads(out.read_text())
+    assert set(got["cases"]) == {"lora8", "peft_lora8"} and got["cases"]["lora8"]["time_ratio"] > 0
+    assert "built-in-suite examples" in got["header"]
+    gen = __import__("torch").Generator().manual_seed(0)
+    batch = cases.make_instruction_batch("lora8", 259, 4, gen)  # no SmolLM2 vocabulary: the suite's statistics
+    supervised = (batch["labels"] != -100).float().mean()
+    assert batch["input_ids"].shape == (4, cases.SUITE_MEAN_LENGTH)
+    assert abs(float(supervised) - cases.SUITE_SUPERVISED_FRACTION) < 0.02
+
+
+@pytest.mark.slow
 def test_generate_benchmark_xlora_matches_peft_tokens(tmp_path):
     import bench_generate
 
