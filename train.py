@@ -526,10 +526,14 @@ def load_examples(cfg) -> tuple[list[dict], list[dict]]:
                                               cfg.seed)
     elif cfg.data.tasks != "none":
         train, evals = build_task_suite(cfg.data.tasks, cfg.data.n_train_per_task, cfg.data.n_eval_per_task, cfg.seed)
-    if cfg.data.train_files:
-        train += load_user_data(cfg.data.train_files, task_field=cfg.data.task_field)
-    if cfg.data.eval_files:
-        evals += load_user_data(cfg.data.eval_files, task_field=cfg.data.task_field)
+    # Methods routed by task label (LoRA-Mixer's stage 1, MeteoRA's gate loss) need every row's task; other
+    # methods give rows without one data.default_task.
+    routed = cfg.method_config.task_labels([]) is not None
+    required = f"method {cfg.method_config.method_name} routes each row by its task label" if routed else None
+    for files, into in ((cfg.data.train_files, train), (cfg.data.eval_files, evals)):
+        if files:
+            into += load_user_data(files, task_field=cfg.data.task_field, default_task=cfg.data.default_task,
+                                   task_required_by=required)
     if not train:
         raise ConfigError("data", "no training data: set data.tasks or data.train_files")
     return train, evals

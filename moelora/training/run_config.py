@@ -30,16 +30,23 @@ class DataConfig(StrictConfig):
     _prefix = "data"
 
     suite: Literal["text", "multimodal"] = "text"  # built-in suite: generated text tasks, or images + speech + text
-    tasks: list[str] | str = "all"  # built-in suite: "all", "none", or a list of task names
-    train_files: list[str] = dataclasses.field(default_factory=list)  # user JSONL/Parquet files (with a task field)
-    eval_files: list[str] = dataclasses.field(default_factory=list)  # user eval files; built-in tasks bring their own split
+    # built-in tasks: "all", "none", a list of names, or "auto" = "all" without train_files and "none" with them
+    # (user files replace the built-in suite unless both are asked for: an explicit data.tasks means both)
+    tasks: list[str] | str = "auto"
+    train_files: list[str] = dataclasses.field(default_factory=list)  # user JSONL/JSON/Parquet files (instruction/response, messages or ShareGPT)
+    eval_files: list[str] = dataclasses.field(default_factory=list)  # user eval files (exact match + eval loss); built-in tasks bring their own split
     task_field: str = "task"  # column naming each row's task (per-task metrics and task-routed methods need it)
+    default_task: str = "default"  # task of user rows without a task field (methods routed by task label refuse such rows)
     n_train_per_task: int = 400  # generated training examples per built-in task
     n_eval_per_task: int = 32  # held-out examples per task: enough to separate 0% from 80% exact match
     max_length: int = 256  # tokens per example; the built-in tasks use well under 128
     pad_to_multiple_of: int = 0  # pad batches to a multiple of this length (64: few shapes for compiled/CUDA-graph steps); 0: to the longest
 
     def validate(self):
+        if self.tasks == "auto":  # resolved here, so the saved training_config names what was trained on
+            self.tasks = "none" if self.train_files else "all"
+        if not self.default_task.strip():
+            raise self.error("default_task", "must be a non-empty task name")
         if self.max_length < 8:
             raise self.error("max_length", f"must be >= 8, got {self.max_length}")
         if self.n_train_per_task < 1 or self.n_eval_per_task < 0:
