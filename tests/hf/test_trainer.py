@@ -98,6 +98,11 @@ def test_trainer_trains_logs_checkpoints_and_resumes(method, tmp_path):
     reloaded = moelora.MoELoRAModel.from_pretrained(tied_llama(), ckpt)
     torch.testing.assert_close(_logits(reloaded, ids), want)
 
+    if method == "lora":  # trainer.save_model() writes model.safetensors only: the error says what to do
+        run.save_model(str(tmp_path / "final"))
+        with pytest.raises(moelora.CheckpointError, match=r"Trainer.save_model\(\) folder.*model.save_pretrained"):
+            moelora.MoELoRAModel.from_pretrained(tied_llama(), tmp_path / "final")
+
     # Trainer's own resume from checkpoint-1 reaches the same adapter as the uninterrupted run
     resumed = _model(method)
     again = trainer(resumed, tmp_path / "run")
