@@ -61,7 +61,7 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     from moelora.base_models import resolve_base_model
     from moelora.data.formatting import Collator, encode_examples
     from moelora.data.media import MultimodalCollator, encode_multimodal_examples
-    from moelora.evaluation import evaluate_exact_match, format_results_table
+    from moelora.evaluation import evaluate_exact_match, evaluate_loss, format_results_table
     from moelora.model import check_token_ids
     from moelora.supervised_loss import supervised_positions
     from moelora.training.batches import BatchOrder
@@ -175,6 +175,9 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
         with m.disable_adapter() if base_only else contextlib.nullcontext():
             res = evaluate_exact_match(m, tokenizer, eval_examples, cfg.per_device_eval_batch_size,
                                        cfg.eval_max_new_tokens, progress=is_main)
+            if not multimodal:  # training's loss (response tokens) on the held-out examples, and its perplexity
+                held_out = evaluate_loss(m, tokenizer, eval_examples, cfg.per_device_eval_batch_size, cfg.data.max_length)
+                res.update(loss=held_out["loss"], perplexity=held_out["perplexity"])
         m.train()
         return res
 
@@ -282,6 +285,8 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
             record = {"loss": loss_mean, "lr": scheduler.get_last_lr()[0], "epoch": order.epoch_of(counters["micro_step"]),
                       "tokens_per_s": window["tokens"] * accelerator.num_processes / elapsed,
                       "skipped_steps": counters["skipped_steps"], **summarise_router_stats(stats)}
+            if norm is not None:  # the latest step's total gradient norm before clipping (as Trainer logs it)
+                record["grad_norm"] = float(norm)
             health = router_health(stats, cfg.router_collapse_entropy)
             if health["collapsed"]:
                 record["router/collapsed_layers"] = health["collapsed"]
@@ -304,9 +309,9 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
             window = fresh_window()
         if cfg.eval_strategy == "steps" and step % cfg.eval_steps == 0 and step < max_steps and eval_examples:
             if evaluates:
-                scores = run_eval(core, False)["per_task"]
+                scores = run_eval(core, False)
                 if is_main:
-                    logger.log(step, {f"eval/{k}": v for k, v in scores.items()})
+                    logger.log(step, eval_record(scores))
             accelerator.wait_for_everyone()
         if cfg.save_steps and step % cfg.save_steps == 0 and step < max_steps:
             if not bool(weights_ok):  # never write a non-finite checkpoint (it would be the "last good" one)
@@ -339,21 +344,26 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     accelerator.wait_for_everyone()
     if eval_examples and cfg.eval_strategy != "no":  # "no": no evaluation at all (evaluate.py can score it later)
         results["trained"] = run_eval(core, False) if evaluates else {}
+        if is_main:
+            logger.log(counters["step"], eval_record(results["trained"]))
     if is_main:
         manifest["metrics"] = {**summary, **{f"{name}_exact_match": r["per_task"] | {"average": r["average"]}
-                                            for name, r in results.items()}}
+                                            for name, r in results.items()},
+                               **{f"{name}_eval_{k}": r[k] for name, r in results.items()
+                                  for k in ("loss", "perplexity") if k in r}}
         update_manifest(output_dir / "adapter", manifest["metrics"])
         if results:
             table = format_results_table(results)
             print("\nper-task exact match (held-out split):\n" + table)
             (output_dir / "eval_results.md").write_text(table + "\n")
             (output_dir / "eval_results.json").write_text(json.dumps(
-                {name: {k: r[k] for k in ("per_task", "average", "n")} for name, r in results.items()}, indent=2))
+                {name: {k: r[k] for k in EVAL_KEYS if k in r} for name, r in results.items()}, indent=2))
         print(f"adapter saved to {output_dir / 'adapter'}")
     logger.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return {**summary, "results": {k: v.get("average") for k, v in results.items()}}
+    return {**summary, "results": {k: v.get("average") for k, v in results.items()},
+            "eval_loss": {k: v["loss"] for k, v in results.items() if "loss" in v}}
 
 
 # --- helpers: each one step of the story above ---------------------------------------------------
@@ -513,6 +523,16 @@ def update_manifest(adapter_dir: Path, metrics: dict) -> None:
     write_json(adapter_dir / MANIFEST_NAME, {**manifest, "metrics": metrics})
 
 
+EVAL_KEYS = ("per_task", "average", "n", "loss", "perplexity")  # what eval_results.json keeps of a result
+
+
+def eval_record(res: dict) -> dict:
+    """A log record of one evaluation: eval/<task> exact match, eval/average, eval/loss, eval/perplexity."""
+    record = {f"eval/{k}": v for k, v in res["per_task"].items()} | {"eval/average": res["average"]}
+    record |= {f"eval/{k}": res[k] for k in ("loss", "perplexity") if k in res}
+    return record
+
+
 def load_examples(cfg) -> tuple[list[dict], list[dict]]:
     from moelora.data.tasks import build_task_suite
     from moelora.data.user_data import load_user_data
@@ -555,7 +575,7 @@ def cached_eval(path: Path, evaluates: bool, is_main: bool, accelerator, run, se
         else:
             result = run()
             if is_main:
-                path.write_text(json.dumps({**{k: result[k] for k in ("per_task", "average", "n")},
+                path.write_text(json.dumps({**{k: result[k] for k in EVAL_KEYS if k in result},
                                             "settings": settings}, indent=2))
     accelerator.wait_for_everyone()
     return result
