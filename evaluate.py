@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Score checkpoints (and the base model alone) on every task of the built-in suites, and compare them.
+"""Score checkpoints (and the base model alone) on the tasks they were trained on, and compare them.
 
     python evaluate.py --checkpoint model_cards/smora-64-8 model_cards/lora-8           # + the base model
     python evaluate.py --checkpoint model_cards/modality model_cards/mixlora --out eval/multimodal
@@ -7,12 +7,13 @@
     python evaluate.py --checkpoint runs/mine/adapter --eval-files my_eval.jsonl --tasks none
     accelerate launch --num_processes 2 evaluate.py --checkpoint ...      # the tasks are split over processes
 
-The story: arguments -> which tasks (every task of the checkpoints' training suites, unless --tasks) ->
+The story: arguments -> which tasks (the checkpoints' own: the built-in tasks and eval files of their
+training_config, unless --tasks / --eval-files; every task of a suite for checkpoints without one) ->
 the held-out examples (the same for every model) -> for the base and then each checkpoint: load it, score
 this process's share of the tasks one task at a time, gather -> write the results and the comparison.
 
 Written under --out (default eval_results/):
-  <name>/results.md, <name>/results.json   per-task exact match, and every prediction
+  <name>/results.md, <name>/results.json   per-task exact match, eval loss / perplexity, every prediction
   <name>/routing.json                      routers' load per task and layer (methods with a learned router)
   <name>/router_load.png                   per-layer expert/rank load over all tasks
   <name>/task_routing.png                  per-task routing heatmap (load averaged over layers)
@@ -66,12 +67,17 @@ def main(argv: list[str] | None = None) -> dict:
     # --- 3. which tasks, and their held-out examples (identical for every model) ---------------------
     suites = [args.suite] if args.suite != "auto" else list(dict.fromkeys(
         t.get("data", {}).get("suite", "text") for t in trained_with)) or ["text"]
-    tasks = (list(dict.fromkeys(t for s in suites for t in suite_task_names(s))) if args.tasks is None
+    tasks = (own_tasks(trained_with, suites, suite_task_names) if args.tasks is None
              else [] if args.tasks == ["none"] else args.tasks)
     data = trained_with[0].get("data", {}) if trained_with else {}
+    if args.eval_files is None:  # the checkpoints' own held-out files (pass --eval-files with none to skip them)
+        args.eval_files = own_eval_files(trained_with)
+    task_field = args.task_field or data.get("task_field") or "task"
+    default_task = data.get("default_task") or "default"
+    max_length = data.get("max_length") if isinstance(data.get("max_length"), int) else 256
     seed = args.seed if args.seed is not None else trained_with[0].get("seed", 42) if trained_with else 42
     n_eval = args.n_eval_per_task or data.get("n_eval_per_task", 32)
-    examples = load_eval_examples(tasks, n_eval, seed, args.eval_files, args.task_field)
+    examples = load_eval_examples(tasks, n_eval, seed, args.eval_files, task_field, default_task)
     if args.limit_per_task:
         examples = {t: exs[: args.limit_per_task] for t, exs in examples.items()}
     settings = {"seed": seed, "n_eval_per_task": n_eval, "limit_per_task": args.limit_per_task,
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
             model, tokenizer = load_model(path, base_id, args.allow_non_finite)
             can_see_media = getattr(model, "media_tokens", None) is not None
             share = {t: examples[t] for t in mine if can_see_media or not needs_media(t)}
-            part = score(model, tokenizer, share, args, bar, name)
+            part = score(model, tokenizer, share, args, bar, name, max_length)
             results[name] = merge(gather(state, part), list(examples))
             results[name].update(checkpoint=str(path) if path else None, base_model=base_id,
                                  method=getattr(getattr(model, "method_config", None), "method_name", "none"),
@@ -100,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     if state.is_main_process:
         for name, res in results.items():
             res["average"] = macro_average(res["per_task"])
+            res.update(eval_loss_fields(res.pop("loss_sums")))
             write_model_results(out / name, name, res, settings, plots=not args.no_plots)
         common = [t for t in examples if all(t in r["per_task"] for r in results.values())]
         table = comparison_table(results, common)
@@ -107,7 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
         (out / "comparison.md").write_text(table + "\n")
         (out / "comparison.json").write_text(json.dumps(
             {"settings": settings, "common_tasks": common,
-             "models": {n: {k: r[k] for k in ("checkpoint", "method", "per_task", "n", "average")}
+             "models": {n: {k: r[k] for k in ("checkpoint", "method", "per_task", "n", "average", "loss", "perplexity",
+                                              "loss_per_task")}
                         for n, r in results.items()}}, indent=2) + "\n")
         print("\nexact match (%) on the held-out split:\n" + table)
         print(f"\nresults written to {out}/")
@@ -125,8 +133,11 @@ def parse_args(argv):
                              "with --eval-files scores only your own data")
     parser.add_argument("--suite", default="auto", choices=["auto", "text", "multimodal"],
                         help="built-in suite whose tasks are scored (auto: the checkpoints' training suites)")
-    parser.add_argument("--eval-files", nargs="*", default=[], help="your own JSONL/Parquet held-out files")
-    parser.add_argument("--task-field", default="task", help="column naming each row's task in --eval-files")
+    parser.add_argument("--eval-files", nargs="*", default=None,
+                        help="your own JSONL/Parquet held-out files (default: the checkpoints' data.eval_files; "
+                             "give the flag with no file to score none)")
+    parser.add_argument("--task-field", default=None,
+                        help="column naming each row's task in --eval-files (default: the checkpoint's, or 'task')")
     parser.add_argument("--n-eval-per-task", type=int, default=0,
                         help="held-out examples per built-in task (default: as the first checkpoint was trained, or 32)")
     parser.add_argument("--seed", type=int, default=None, help="held-out split seed (default: the first checkpoint's)")
@@ -189,15 +200,62 @@ def load_model(path: Path | None, base_id: str, allow_non_finite: bool = False):
                                                 allow_non_finite=allow_non_finite), tokenizer
 
 
-def score(model, tokenizer, examples_by_task: dict, args, bar, name: str) -> dict:
-    from moelora.eval_suite import evaluate_tasks
+def own_tasks(trained_with: list[dict], suites: list[str], suite_task_names) -> list[str]:
+    """The built-in tasks the checkpoints were trained on (their training_config's data.tasks: "all" = the
+    suite's tasks, a list, or "none"), in first-seen order; a checkpoint without a training_config (e.g. a
+    PEFT folder) brings every task of the suites."""
+    tasks: list[str] = []
+    for cfg in trained_with or [{}]:
+        data = cfg.get("data") or {}
+        recorded = "tasks" in data
+        chosen = data["tasks"] if recorded else "all"
+        suite = [data.get("suite", "text")] if recorded else suites
+        if chosen == "all" or chosen == "auto":  # "auto" is resolved when saved; an old manifest may hold it
+            chosen = [t for s in suite for t in suite_task_names(s)]
+        elif not isinstance(chosen, list):
+            chosen = []
+        tasks += [t for t in chosen if isinstance(t, str) and t not in tasks]
+    return tasks
+
+
+def own_eval_files(trained_with: list[dict]) -> list[str]:
+    """The checkpoints' data.eval_files (each once); a file no longer there is an error naming it."""
+    files: list[str] = []
+    for cfg in trained_with:
+        listed = cfg.get("data", {}).get("eval_files") or []
+        files += [f for f in listed if isinstance(f, str) and f not in files]
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise_error("--eval-files", f"the checkpoint was trained with eval file {missing[0]}, which is not found "
+                    "here; pass --eval-files with its new path (or with no file to skip it)")
+    return files
+
+
+def score(model, tokenizer, examples_by_task: dict, args, bar, name: str, max_length: int = 256) -> dict:
+    """Exact match per task (`evaluate_tasks`) plus training's loss on the text tasks' examples."""
+    from moelora.eval_suite import evaluate_tasks, needs_media
+    from moelora.evaluation import evaluate_loss
 
     def done(task):
         bar.set_postfix(model=name, task=task)
         bar.update(1)
 
-    return evaluate_tasks(model, tokenizer, examples_by_task, args.batch_size, args.max_new_tokens,
+    part = evaluate_tasks(model, tokenizer, examples_by_task, args.batch_size, args.max_new_tokens,
                           on_task_done=done)
+    text = [ex for t, exs in examples_by_task.items() if not needs_media(t) for ex in exs]
+    # A smaller batch than generation's: a plain base model computes logits at every position.
+    part["loss_sums"] = evaluate_loss(model, tokenizer, text, min(args.batch_size, 8), max_length)["sums"] if text else {}
+    return part
+
+
+def eval_loss_fields(sums: dict) -> dict:
+    """loss / perplexity over every scored text task's response tokens, and the loss per task (None: none)."""
+    from moelora.evaluation import loss_summary
+
+    if not sums:
+        return {"loss": None, "perplexity": None, "loss_per_task": {}}
+    summary = loss_summary(sums)
+    return {"loss": summary["loss"], "perplexity": summary["perplexity"], "loss_per_task": summary["per_task"]}
 
 
 def gather(state, part: dict) -> list[dict]:
@@ -210,8 +268,9 @@ def gather(state, part: dict) -> list[dict]:
 
 def merge(parts: list[dict], task_order: list[str]) -> dict:
     """One result from every process's share, tasks back in table order."""
-    per_task, n, routing, predictions = {}, {}, {}, []
+    per_task, n, routing, predictions, loss_sums = {}, {}, {}, [], {}
     for p in parts:
+        loss_sums |= p.get("loss_sums", {})
         per_task |= p["per_task"]
         n |= p["n"]
         routing |= p["routing"]
@@ -220,7 +279,8 @@ def merge(parts: list[dict], task_order: list[str]) -> dict:
     predictions.sort(key=lambda p: (rank.get(p["task"], len(rank)), p["index"]))
     ordered = [t for t in task_order if t in per_task]
     return {"per_task": {t: per_task[t] for t in ordered}, "n": {t: n[t] for t in ordered},
-            "predictions": predictions, "routing": {t: routing[t] for t in ordered if t in routing}}
+            "predictions": predictions, "routing": {t: routing[t] for t in ordered if t in routing},
+            "loss_sums": {t: loss_sums[t] for t in ordered if t in loss_sums}}
 
 
 def expert_names(model) -> list[str] | None:
@@ -233,7 +293,8 @@ def write_model_results(folder: Path, name: str, res: dict, settings: dict, plot
     from moelora.plots import plot_layer_load, plot_task_routing
 
     folder.mkdir(parents=True, exist_ok=True)
-    keep = ("checkpoint", "base_model", "method", "per_task", "n", "average", "predictions")
+    keep = ("checkpoint", "base_model", "method", "per_task", "n", "average", "loss", "perplexity", "loss_per_task",
+            "predictions")
     (folder / "results.json").write_text(json.dumps({"name": name, "settings": settings,
                                                      **{k: res[k] for k in keep}}, indent=1) + "\n")
     table = format_results_table({name: res})

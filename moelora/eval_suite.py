@@ -34,7 +34,8 @@ def needs_media(task: str) -> bool:
 
 
 def load_eval_examples(tasks: Sequence[str], n_eval_per_task: int, seed: int,
-                       eval_files: Sequence[str | Path] = (), task_field: str = "task") -> dict[str, list[dict]]:
+                       eval_files: Sequence[str | Path] = (), task_field: str = "task",
+                       default_task: str = "default") -> dict[str, list[dict]]:
     """``{task: held-out examples}``: built-in tasks generated, user files read (grouped by their task field)."""
     from .data.multimodal import build_multimodal_suite
     from .data.tasks import build_task_suite, resolve_task_names
@@ -51,7 +52,7 @@ def load_eval_examples(tasks: Sequence[str], n_eval_per_task: int, seed: int,
     if media:
         examples += build_multimodal_suite(media, 0, n_eval_per_task, seed)[1]
     if eval_files:
-        examples += load_user_data(list(eval_files), task_field=task_field)
+        examples += load_user_data(list(eval_files), task_field=task_field, default_task=default_task)
     by_task: dict[str, list[dict]] = {}
     for ex in examples:
         by_task.setdefault(ex.get("task", ""), []).append(ex)
