@@ -30,6 +30,7 @@ def _model(method, checkpointing=False):
 
 def _step(model, inputs, run):
     """One training forward + backward through `run`; returns (loss, grads, router state) after it."""
+    torch.manual_seed(11)  # the same dropout masks eager and compiled (X-LoRA's classifier, the speech LoRA)
     out = run(**inputs, labels=inputs["input_ids"])
     out.loss.backward()
     grads = [p.grad.detach().clone() for p in model.trainable_parameters()]
@@ -51,7 +52,8 @@ def test_training_forward_has_no_graph_break(method, batch):
 def _assert_same(got, want):
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     for g, w in zip(got[1], want[1]):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+        # relative to the whole gradient: compiled graphs reassociate sums, which moves single near-zero entries
+        assert float((g - w).norm()) <= 1e-4 * float(w.norm()) + 1e-8, float((g - w).norm() / w.norm())
     assert got[2].keys() == want[2].keys()
     for key in want[2]:  # load counts, statistics, loss-term sums: counted once per forward, as in eager
         torch.testing.assert_close(got[2][key], want[2][key], rtol=1e-5, atol=1e-6, msg=key)
