@@ -11,7 +11,9 @@ from pathlib import Path
 
 
 def summarise_router_stats(stats: dict[str, dict]) -> dict[str, float]:
-    """Model-wide router health from `MoELoRAModel.router_stats()`: means over layers."""
+    """Model-wide router health from `MoELoRAModel.router_stats()` (README "Logged metrics" defines each):
+    load_entropy (normalised by log E, 1 = even) and gate_entropy (nats per token) are means over layers,
+    max_load the largest one-expert load fraction of any layer, dead_experts a count summed over layers."""
     if not stats:
         return {}
     n = len(stats)
