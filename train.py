@@ -344,8 +344,6 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     accelerator.wait_for_everyone()
     if eval_examples and cfg.eval_strategy != "no":  # "no": no evaluation at all (evaluate.py can score it later)
         results["trained"] = run_eval(core, False) if evaluates else {}
-        if is_main:
-            logger.log(counters["step"], eval_record(results["trained"]))
     if is_main:
         manifest["metrics"] = {**summary, **{f"{name}_exact_match": r["per_task"] | {"average": r["average"]}
                                             for name, r in results.items()},

@@ -42,7 +42,7 @@ def test_run_writes_adapter_logs_tables_and_updates_bias_once_per_step(tmp_path)
     records = [r for r in _log(out) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2]
     evals = [r for r in _log(out) if "eval/add" in r]
-    assert [r["step"] for r in evals] == [1, 2]  # eval_strategy=steps: every eval_steps, and the final evaluation
+    assert [r["step"] for r in evals] == [1]  # eval_strategy=steps: every eval_steps, before the end
     assert {"eval/average", "eval/loss", "eval/perplexity"} <= set(evals[0])
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "router/load_entropy", "router/dead_experts"} <= set(records[0])
     results = json.loads((out / "eval_results.json").read_text())
