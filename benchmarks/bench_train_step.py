@@ -48,7 +48,7 @@ TRAIN_CASES = [n for n in CASES if n != "base"]
 TOKENS: dict[str, int] = {}  # real (non-pad) tokens in each case's batch, for tokens/s
 
 
-def make_step(model, batch, compiled: bool = False):
+def make_step(model, batch, compiled: bool = False, full_logits: bool = False):
     """One training step of `model` on `batch`. Labels: the batch's own (instruction batches: response only) or
     the inputs. Our methods get the LM head at supervised positions only, as train.py runs them; PEFT full
     logits, as transformers.Trainer runs it. `compiled`: torch.compile (Inductor) on both alike."""
@@ -57,7 +57,7 @@ def make_step(model, batch, compiled: bool = False):
     update = getattr(model, "update_router_state", None)
     inputs = dict(batch)
     inputs.setdefault("labels", batch["input_ids"])
-    if isinstance(model, MoELoRAModel):
+    if isinstance(model, MoELoRAModel) and not full_logits:
         inputs["supervised_positions"] = supervised_positions(inputs["labels"].cpu()).to(inputs["labels"].device)
     run = torch.compile(model) if compiled else model
 
@@ -104,7 +104,7 @@ def build_all(names, args, workdir):
             batch = make_instruction_batch(name, vocab, args.batch, gen, media, args.device, DTYPES[args.dtype])
         else:
             batch = make_batch(name, vocab, args.batch, args.seq, gen, media, args.device, DTYPES[args.dtype])
-        steps[name] = make_step(model, batch, compiled=args.compile)
+        steps[name] = make_step(model, batch, compiled=args.compile, full_logits=args.full_logits)
         TOKENS[name] = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         params[name] = sum(p.numel() for p in trainable(model))
     return steps, params
@@ -126,7 +126,7 @@ def memory_of(name: str, args, workdir: Path) -> float:
     """Peak memory (MiB) of a child process that builds the case and runs 2 steps."""
     cmd = [sys.executable, __file__, "--child", name, "--base", args.base, "--batch", str(args.batch),
            "--seq", str(args.seq), "--threads", str(args.threads), "--workdir", str(workdir),
-           "--device", args.device, "--dtype", args.dtype, "--batches", args.batches] + (["--compile"] if args.compile else [])
+           "--device", args.device, "--dtype", args.dtype, "--batches", args.batches] + (["--compile"] if args.compile else []) + (["--full-logits"] if args.full_logits else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"memory child for case {name} failed:\n{out.stderr[-3000:]}")
@@ -150,6 +150,8 @@ def main(argv=None):
                         help="lm: random ids, labels = inputs (batch x seq); instruction: the built-in suite's "
                              "examples, labels on the response only (--seq unused)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every case (ours and PEFT's)")
+    parser.add_argument("--full-logits", action="store_true",
+                        help="our methods too compute logits at every position (train.py's logits_on_supervised_only=false)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-case child processes")
     parser.add_argument("--memory-only", action="store_true", help="only the per-case child processes")
     parser.add_argument("--workdir", default=None, help="X-LoRA expert folders (default: a temp dir)")
@@ -201,6 +203,7 @@ def main(argv=None):
     shape = (f"batch {args.batch} x seq {args.seq} (labels = inputs)" if args.batches == "lm" else
              f"{args.batch} built-in-suite examples (labels on the response)")
     header = (f"{machine(args)}, torch {torch.__version__}, {args.dtype}, {'compiled, ' if args.compile else ''}"
+              f"{'ours with full logits, ' if args.full_logits else ''}"
               f"{args.base}, {shape}, median of {args.steps} after {args.warmup} warm-up, "
               f"1-min load average {os.getloadavg()[0]:.2f} at the end")
     print("# " + header)
