@@ -36,8 +36,11 @@ def _snapshot(folder: Path) -> dict:
 
 
 def _popen(out, *extra):
+    # SIGINT back to its default in the child: a test run started in the background (`pytest &`) inherits an
+    # ignored SIGINT, and Python then never turns Ctrl-C into KeyboardInterrupt
     return subprocess.Popen([sys.executable, str(REPO / "train.py"), *TINY, SMORA, f"output_dir={out}", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(predicate, proc, seconds=120):
