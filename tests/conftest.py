@@ -45,3 +45,18 @@ def randomize_adapters(model, seed=0, scale=0.05):
     with torch.no_grad():
         for p in model.trainable_parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Every test starts without accelerate's process-wide state: a Trainer (tests/hf) initialises it with its own
+    settings, and train.py's Accelerator in a later test of the same process would then refuse to start
+    ("AcceleratorState has already been initialized")."""
+    yield
+    import sys
+
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
