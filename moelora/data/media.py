@@ -3,8 +3,9 @@
 An example of the multimodal suite is ``{"task", "instruction", "response", "images": [...], "audio": [...]}``
 whose instruction holds one ``<image>`` / ``<audio>`` marker per item. Encoding renders the chat prompt,
 splits it at the markers and puts `image_tokens` (`audio_tokens`) placeholder ids in place of each marker:
-the model's encoders later write their projected features over exactly those positions. A `media` row
-([T] ints: 0 text, 1 image, 2 audio) travels with the ids, so positions stay known under any padding.
+the model's encoders later write their projected features over exactly those positions. A `media_mask` row
+([T] ints: 0 text, 1 image, 2 audio) travels with the ids, so positions stay known under any padding; it is
+named as the model's forward argument it becomes, so `transformers.Trainer` keeps the column.
 
 The placeholder id is the tokenizer's pad id: always in the vocabulary, and what the plain base model sees
 where it cannot see the picture (adapters and encoders off). Text-only examples encode exactly as
@@ -53,7 +54,7 @@ def encode_prompt(tokenizer, prompt: str, example: dict, media_tokens: dict[str,
 
 def encode_multimodal_examples(tokenizer, examples: Sequence[dict], max_length: int,
                                media_tokens: dict[str, int] | None) -> list[dict]:
-    """Like `formatting.encode_examples`, plus "media", "images", "audio" per example (prompt-masked labels)."""
+    """Like `formatting.encode_examples`, plus "media_mask", "images", "audio" per example (prompt-masked labels)."""
     end_id = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
     out = []
     for ex in examples:
@@ -67,7 +68,7 @@ def encode_multimodal_examples(tokenizer, examples: Sequence[dict], max_length: 
                                 f"more than max_length={max_length} allows without cutting its images/audio")
             ids, kinds = ids[cut:], kinds[cut:]
         out.append({"input_ids": ids + completion, "labels": [IGNORE_INDEX] * len(ids) + completion,
-                    "media": kinds + [TEXT] * len(completion), "task": ex.get("task", ""),
+                    "media_mask": kinds + [TEXT] * len(completion), "task": ex.get("task", ""),
                     "images": list(ex.get("images") or []), "audio": list(ex.get("audio") or [])})
     return out
 
@@ -89,7 +90,7 @@ class MultimodalCollator(Collator):
         out = super().__call__(batch)
         mask = torch.zeros_like(out["input_ids"])
         for i, ex in enumerate(batch):
-            kinds = ex.get("media") or [TEXT] * len(ex["input_ids"])
+            kinds = ex.get("media_mask") or [TEXT] * len(ex["input_ids"])
             mask[i, :len(kinds)] = torch.as_tensor(kinds, dtype=torch.long)
         return {**out, **stack_media(batch, mask)}
 

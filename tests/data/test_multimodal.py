@@ -143,8 +143,8 @@ def test_placeholders_expand_and_text_encodes_as_before():
     text, mixed = encode_multimodal_examples(tok, _examples(), 256, TOKENS)
     plain = encode_examples(tok, _examples()[:1], 256)[0]
     assert text["input_ids"] == plain["input_ids"] and text["labels"] == plain["labels"]
-    assert text["media"] == [TEXT] * len(text["input_ids"])
-    kinds = mixed["media"]
+    assert text["media_mask"] == [TEXT] * len(text["input_ids"])
+    kinds = mixed["media_mask"]
     assert kinds.count(IMAGE) == 4 and kinds.count(AUDIO) == 8
     first_img = kinds.index(IMAGE)
     assert kinds[first_img:first_img + 4] == [IMAGE] * 4 and kinds.index(AUDIO) > first_img + 4
@@ -162,13 +162,13 @@ def test_collator_and_generation_batches_keep_positions():
     encoded = encode_multimodal_examples(tok, exs, 256, TOKENS)
     batch = MultimodalCollator(tok.pad_token_id)(encoded)
     assert batch["media_mask"].shape == batch["input_ids"].shape
-    assert batch["media_mask"][1].tolist()[:len(encoded[1]["media"])] == encoded[1]["media"]
+    assert batch["media_mask"][1].tolist()[:len(encoded[1]["media_mask"])] == encoded[1]["media_mask"]
     assert int(batch["media_mask"][0].sum()) == 0
     assert torch.equal(batch["images"][0], exs[1]["images"][0]) and batch["audio"].shape == (1, 40, 160)
     ids, media = encode_prompts(tok, exs, TOKENS)
     width = max(map(len, ids)) + 3
     left = media.batch([1, 0], width)  # left padding: placeholders move right with the prompt
-    assert left["media_mask"][0, width - len(ids[1]):].tolist() == [k for k in encoded[1]["media"][:len(ids[1])]]
+    assert left["media_mask"][0, width - len(ids[1]):].tolist() == [k for k in encoded[1]["media_mask"][:len(ids[1])]]
     assert int(left["media_mask"][1].sum()) == 0
 
 

@@ -36,13 +36,14 @@ def rows(n=8, length=12, seed=1):
                                        "text": ["not a model input"] * n})
 
 
-def trainer(model, out, **kw):
+def trainer(model, out, data=None, data_collator=None, **kw):
     args = dict(output_dir=str(out), use_cpu=True, report_to="none", max_steps=2, per_device_train_batch_size=2,
                 gradient_accumulation_steps=2, logging_steps=1, save_steps=1, eval_strategy="steps", eval_steps=2,
                 learning_rate=1e-2, disable_tqdm=True)
     args.update(kw)
-    data = rows()
-    return Trainer(model=model, args=TrainingArguments(**args), train_dataset=data, eval_dataset=data.select(range(2)))
+    data = rows() if data is None else data
+    return Trainer(model=model, args=TrainingArguments(**args), train_dataset=data, eval_dataset=data.select(range(2)),
+                   data_collator=data_collator)
 
 
 def _model(method, **extra):

@@ -1,0 +1,97 @@
+"""Multimodal moelora models under a plain `transformers.Trainer`: `MultimodalCollator` as the data_collator,
+default Trainer arguments (remove_unused_columns=True keeps the media columns), encoders in every checkpoint.
+
+Cases come from tests/method_cases.py: every row whose model is multimodal by nature (ROW_INPUTS), and every
+text method whose model has a multimodal variant, built with `encoders=EncoderConfig()`.
+"""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import moelora
+from moelora.base_models import build_tiny_tokenizer
+from moelora.data.media import MultimodalCollator, encode_multimodal_examples
+from moelora.errors import MoeloraError
+from moelora.model import MoELoRAModel
+from moelora.multimodal import EncoderConfig
+from moelora.multimodal.model import multimodal_model_class
+from moelora.registry import get_method
+from tests.hf.test_trainer import _count_router_updates, tied_llama, trainer
+from tests.method_cases import METHOD_CASES, ROW_INPUTS, TEXT_METHODS
+from tests.multimodal_batches import mixed_batch, mixed_examples
+
+datasets = pytest.importorskip("datasets")
+
+
+def _has_multimodal_variant(method: str) -> bool:
+    try:
+        multimodal_model_class(get_method(method).model_cls or MoELoRAModel)
+        return True
+    except MoeloraError:
+        return False
+
+
+# (method, add encoders): multimodal rows as they are, text methods with encoders added
+CASES = [(m, False) for m in ROW_INPUTS] + [(m, True) for m in TEXT_METHODS if _has_multimodal_variant(m)]
+
+
+def _model(method, encoders):
+    torch.manual_seed(0)
+    return moelora.get_moelora_model(tied_llama(), {"name": method, **METHOD_CASES[method]},
+                                     encoders=EncoderConfig() if encoders else None)
+
+
+def _logits(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _dataset(model, tokenizer):
+    """Text, image, audio and image+audio rows (twice) as a `datasets.Dataset`, features stored as lists."""
+    encoded = encode_multimodal_examples(tokenizer, mixed_examples() + mixed_examples(seed=1), 256,
+                                         model.media_tokens)
+    listed = [{k: [x.tolist() for x in v] if k in ("images", "audio") else v for k, v in row.items()}
+              for row in encoded]
+    return datasets.Dataset.from_list(listed)
+
+
+@pytest.mark.parametrize("method,encoders", CASES, ids=[f"{m}{'+encoders' if e else ''}" for m, e in CASES])
+def test_multimodal_trainer_trains_checkpoints_encoders_and_resumes(method, encoders, tmp_path):
+    tokenizer = build_tiny_tokenizer()  # 259 tokens, as tied_llama
+    model = _model(method, encoders)
+    data = _dataset(model, tokenizer)
+    collator = MultimodalCollator(tokenizer.pad_token_id)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    updates = _count_router_updates(model)
+    run = trainer(model, tmp_path / "run", data=data, data_collator=collator)
+    run.train()
+
+    changed = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
+    assert any(n.startswith("encoders.image.") for n in changed)  # the image and audio columns reached the model
+    assert any(n.startswith("encoders.audio.") for n in changed)
+    assert any(not n.startswith("encoders.") for n in changed)  # and the adapters trained with them
+    assert any("eval_loss" in h for h in run.state.log_history)
+    if any(layer.step_counts() is not None for layer in model.adapter_layers().values()):
+        assert len(updates) == 2  # router state once per optimizer step (2 steps x 2 micro-batches)
+    if method == "smora":
+        assert next(iter(model.adapter_layers().values())).bias.abs().max() > 0  # beta moved
+
+    # checkpoint-2: the encoders are in Trainer's own state (for its resume) and in the moelora folder
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    trainer_state = load_file(str(ckpt / "model.safetensors"))
+    assert any(k.startswith("encoders.image.") for k in trainer_state)
+    assert not any("embed_tokens" in k or "lm_head" in k for k in trainer_state)
+    batch = mixed_batch(model, tokenizer, mixed_examples(seed=5))
+    want = _logits(model, batch)
+    reloaded = moelora.MoELoRAModel.from_pretrained(tied_llama(), ckpt)
+    assert type(reloaded) is type(model)
+    torch.testing.assert_close(_logits(reloaded, batch), want)
+
+    # Trainer's own resume from checkpoint-1 reaches the same adapter and encoders as the uninterrupted run
+    resumed = _model(method, encoders)
+    again = trainer(resumed, tmp_path / "run", data=data, data_collator=collator)
+    again.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
+    assert again.state.global_step == 2
+    torch.testing.assert_close(_logits(resumed, batch), want, atol=1e-5, rtol=1e-4)
