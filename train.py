@@ -66,7 +66,7 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     from moelora.supervised_loss import supervised_positions
     from moelora.training.batches import BatchOrder
     from moelora.errors import ConfigError, TrainingError, short_repr
-    from moelora.training.output_dir import check_output_dir, claim_output_dir
+    from moelora.training.output_dir import check_output_dir, claim_output_dir, continue_data_selection
     from moelora.training.metrics import MetricsLogger, name_layers, router_health, summarise_router_stats
     from moelora.training.state import (load_checkpoint, prune_checkpoints, read_trainer_state, resolve_resume,
                                         save_checkpoint)
@@ -96,12 +96,14 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
 
     # --- 3. data: the built-in task suite and/or user files (read before anything slow or written) --
+    output_dir = run.output_dir = Path(cfg.output_dir)
+    resume = resolve_resume(cfg.resume_from_checkpoint, output_dir)
+    if note := continue_data_selection(cfg, resume):  # data.tasks=auto resumes on the checkpoint's own tasks
+        accelerator.print(note)
     train_examples, eval_examples = load_examples(cfg)
     # Task-routed methods (LoRA-Mixer's stage 1) need an expert per task: every task is checked now, not
     # when its first row comes up mid-run.
     cfg.method_config.task_labels(sorted({ex["task"] for ex in train_examples + eval_examples}))
-    output_dir = run.output_dir = Path(cfg.output_dir)
-    resume = resolve_resume(cfg.resume_from_checkpoint, output_dir)
     resumed_step = read_trainer_state(resume)["counters"]["step"] if resume is not None else None
     # Another run's folder, a foreign or mismatched checkpoint: refused now, before the model loads
     # (claim_output_dir checks again under the lock).

@@ -9,6 +9,7 @@ and write `run_config.json`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -56,17 +57,59 @@ def check_output_dir(output_dir: Path, cfg, resume: Path | None) -> None:
     if resume is not None:
         saved = saved_training_config(resume)
         if saved is not None:
-            check_resume_config(json.loads(json.dumps(cfg.to_dict())), saved, resume)
+            check_resume_config(_json(cfg.to_dict()), saved, resume, section_defaults(cfg))
 
 
-def check_resume_config(now: dict, saved: dict, resume: Path) -> None:
-    """Refuse a resume whose run config differs from the checkpoint's, naming the first differing key."""
+def _json(value):
+    return json.loads(json.dumps(value))
+
+
+def section_defaults(cfg) -> dict:
+    """Flattened `data.*`, `method.*` and `encoders.*` keys -> their config class defaults (JSON values)."""
+    out = {}
+    for section, obj in (("data", cfg.data), ("method", cfg.method_config), ("encoders", cfg.encoders)):
+        for f in dataclasses.fields(obj):
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                continue
+            try:
+                out[f"{section}.{f.name}"] = _json(f.default if f.default is not dataclasses.MISSING
+                                                   else f.default_factory())
+            except TypeError:  # not a JSON value: no saved config can hold it either
+                continue
+    return out
+
+
+def continue_data_selection(cfg, resume: Path | None) -> str | None:
+    """With data.tasks left at auto, a resume continues the built-in tasks its checkpoint trained on.
+
+    Runs saved before auto existed trained with data.tasks "all" (the old default: user files mixed with the
+    built-in suite); the same command now resolves auto to "none" with train_files. The checkpoint's selection
+    is what that run trains on, so it is kept (an explicit data.tasks is compared as any key). Returns the
+    line to print when it changed what auto resolved to, else None."""
+    if resume is None or not getattr(cfg.data, "tasks_left_auto", False):
+        return None
+    saved = ((saved_training_config(resume) or {}).get("data") or {}).get("tasks")
+    valid = saved in ("all", "none") or (isinstance(saved, list) and all(isinstance(t, str) for t in saved))
+    if not valid or saved == cfg.data.tasks:
+        return None  # nothing to continue, or a value the comparison will name
+    resolved, cfg.data.tasks = cfg.data.tasks, saved
+    return (f"data.tasks: continuing {short_repr(saved)}, the built-in tasks checkpoint {resume} trained on "
+            f"(auto would choose {short_repr(resolved)} for a new run)")
+
+
+def check_resume_config(now: dict, saved: dict, resume: Path, defaults: dict | None = None) -> None:
+    """Refuse a resume whose run config differs from the checkpoint's, naming the first differing key.
+    `defaults` (flattened keys -> default values): a method/data/encoders key the checkpoint does not name
+    was added by a later moelora, and its default keeps the old behaviour, so it passes at its default."""
     a, b = _flatten(now), _flatten(saved)
+    defaults = defaults or {}
     for key in [*a, *(k for k in b if k not in a)]:
         if key.split(".")[0] in RESUME_MAY_CHANGE or key.startswith("eval_"):
             continue
         if (key not in a or key not in b) and not key.startswith(("method.", "data.", "encoders.")):
             continue  # a top-level key added or removed between versions of moelora
+        if key not in b and key in defaults and a[key] == defaults[key]:
+            continue  # a setting newer than the checkpoint, at the value that means what older versions did
         if a.get(key, "<unset>") != b.get(key, "<unset>"):
             raise ConfigError(key, f"is {short_repr(a.get(key, '<unset>'))} but checkpoint {resume} was trained "
                               f"with {short_repr(b.get(key, '<unset>'))}; a resume continues that run, so only "

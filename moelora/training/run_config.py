@@ -45,6 +45,7 @@ class DataConfig(StrictConfig):
     def validate(self):
         if self.tasks == "auto":  # resolved here, so the saved training_config names what was trained on
             self.tasks = "none" if self.train_files else "all"
+            self.tasks_left_auto = True  # a resume then continues its checkpoint's selection (output_dir.py)
         if not self.default_task.strip():
             raise self.error("default_task", "must be a non-empty task name")
         if self.max_length < 8:
