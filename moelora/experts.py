@@ -34,12 +34,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .checkpoint import load_tensors
 from .config import MethodConfig
 from .errors import CheckpointError, ConfigError
 from .layer import AdapterLayer, kaiming_uniform_
 from .model import MoELoRAModel
-from .peft_compat import PEFT_PREFIX, peft_weights_file, read_peft_lora_config
+from .peft_compat import peft_weights_file, read_lora, read_lora_factors
 
 # LoRA-Mixer's "serial attention routing" adapts the attention projections; X-LoRA's usual experts do too.
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -64,13 +63,12 @@ def _peft_spec(name: str, value: str, key: str) -> ExpertSpec:
     folder = Path(value)
     if not folder.is_dir():
         raise ConfigError(key, f"PEFT adapter folder not found: {value}")
-    cfg = read_peft_lora_config(folder)
-    weights = peft_weights_file(folder)  # refuses a pickle-only folder by name
-    if not weights.is_file():
-        raise CheckpointError(f"expert '{name}': {folder} has no adapter_model.safetensors")
-    r = int(cfg["r"])
-    return ExpertSpec(name, r, float(cfg.get("lora_alpha", r)), bool(cfg.get("use_rslora", False)),
-                      path=str(folder), source=str(folder))
+    lora = read_lora(folder)
+    try:
+        peft_weights_file(folder)  # refuses a pickle-only or weightless folder by name
+    except CheckpointError as exc:
+        raise CheckpointError(f"expert '{name}': {exc}") from None
+    return ExpertSpec(name, lora.r, lora.alpha, lora.use_rslora, path=str(folder), source=str(folder))
 
 
 def resolve_expert_specs(experts, r: int, alpha: float, use_rslora: bool, key: str) -> list[ExpertSpec]:
@@ -140,8 +138,7 @@ class ExpertsConfig(MethodConfig):
         folders = [s.path for s in self.expert_specs() if s.path is not None]
         if not folders:
             return None
-        found = {f: read_peft_lora_config(Path(f)).get("target_modules") for f in folders}
-        norm = {f: sorted(t) if isinstance(t, (list, tuple, set)) else t for f, t in found.items()}
+        norm = {f: read_lora(f).target_modules for f in folders}
         if len({repr(t) for t in norm.values()}) > 1:
             raise ConfigError(self._key("target_modules"), "is not given and the PEFT experts target different "
                               f"modules ({norm}); set target_modules to the modules they share")
@@ -164,8 +161,8 @@ class ExpertsConfig(MethodConfig):
 class ExpertBankLayer(AdapterLayer):
     """An adapted linear holding every expert's LoRA in one padded bank (see the module docstring)."""
 
-    def __init__(self, base_layer, config: ExpertsConfig, context):
-        super().__init__(base_layer, config, context)
+    def __init__(self, base_layer, config: ExpertsConfig, context, site):
+        super().__init__(base_layer, config, context, site)
         specs = config.expert_specs()
         w = base_layer.weight
         self.n_experts = len(specs)
@@ -196,24 +193,7 @@ class ExpertBankLayer(AdapterLayer):
 
 def read_peft_expert(spec: ExpertSpec) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{module name: (A, B)} of a PEFT LoRA folder (names as in the base model)."""
-    folder = Path(spec.path)
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in load_tensors(peft_weights_file(folder)).items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        for part in ("lora_A", "lora_B"):
-            suffix = f".{part}.weight"
-            if name.endswith(suffix):
-                factors.setdefault(name[:-len(suffix)], {})[part] = value
-                break
-        else:
-            raise CheckpointError(f"expert '{spec.name}' ({folder}): tensor '{key}' is not a LoRA factor; "
-                                  "only lora_A/lora_B of linear layers can be experts")
-    out = {}
-    for module, pair in factors.items():
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise CheckpointError(f"expert '{spec.name}' ({folder}): module '{module}' lacks lora_A or lora_B")
-        out[module] = (pair["lora_A"], pair["lora_B"])
-    return out
+    return read_lora_factors(spec.path, who=f"expert '{spec.name}' ({spec.path})")
 
 
 def _few(names) -> str:

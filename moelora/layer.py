@@ -11,6 +11,7 @@ current batch there, so routers can exclude padding from load counts and sequenc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -112,15 +113,43 @@ def adapter_dtype_for(config, base_dtype: torch.dtype) -> torch.dtype:
     return base_dtype
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerSite:
+    """Where an adapted module sits in its model, given to its layer when it is built."""
+
+    name: str  # the module's path in the base model, e.g. "model.layers.3.self_attn.q_proj"
+    index: int  # its position among the model's adapted modules, in module order (PEFT X-LoRA's layer_number)
+    count: int  # how many modules the model adapts
+    block: int  # the transformer block holding it: the first number in its path (0 when there is none)
+    n_blocks: int  # the base model's transformer blocks (num_hidden_layers; else 1 + the largest block seen)
+
+    @classmethod
+    def alone(cls, name: str = "") -> LayerSite:
+        """The site of a layer built on its own (outside a model): the only module, block 0 of 1."""
+        return cls(name, 0, 1, 0, 1)
+
+
+def layer_sites(base_model: nn.Module, names: list[str]) -> list[LayerSite]:
+    """The sites of the modules `names` (in model order) of `base_model`."""
+    blocks = [next((int(part) for part in name.split(".") if part.isdigit()), 0) for name in names]
+    config = getattr(base_model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_blocks = getattr(text, "num_hidden_layers", None) or (max(blocks, default=0) + 1)
+    return [LayerSite(name, i, len(names), block, max(n_blocks, block + 1))
+            for i, (name, block) in enumerate(zip(names, blocks))]
+
+
 class AdapterLayer(nn.Module):
     """Base linear + routed low-rank update. Subclasses define `update` and their parameters."""
 
     method: str = ""
     mergeable = False  # only methods whose update is input-independent may fold into W0
 
-    def __init__(self, base_layer: nn.Module, config, context: RoutingContext):
+    def __init__(self, base_layer: nn.Module, config, context: RoutingContext, site: LayerSite):
         super().__init__()
         self.base_layer = base_layer
+        self.site = site  # where it sits (name, index, block): a method may size its bank or router by it
+        self.layer_name = site.name
         self.in_features, self.out_features = linear_dims(base_layer)
         self.config = config
         self.context = context

@@ -24,8 +24,9 @@ from .checkpoint import (atomic_dir, check_fingerprint, first_non_finite, finger
                          save_tensors, write_json)
 from .config import suggest
 from .errors import CheckpointError, ConfigError, DataError, MoeloraError, short_repr
-from .layer import AdapterLayer, RoutingContext, adapter_dtype_for, linear_dims
-from .registry import config_from_dict, get_method
+from .layer import AdapterLayer, RoutingContext, adapter_dtype_for, layer_sites, linear_dims
+from .peft_compat import read_adapter_config
+from .registry import config_from_dict, get_method, get_peft_importer, peft_exporter
 from .hf_trainer import FORWARD_SIGNATURE, fused_outputs, trainer_signature, watch_optimizer_steps
 from .fsdp import fsdp_units, gathered_fsdp
 from .supervised_loss import HeadRows, supervised_loss
@@ -119,12 +120,11 @@ class MoELoRAModel(nn.Module):
         method = get_method(method_config.method_name)
         for p in base_model.parameters():
             p.requires_grad_(False)
-        for name in find_targets(base_model, method_config.target_modules):
-            parent_name, _, child = name.rpartition(".")
+        # Each layer is told where it sits when it is built, so a method may size its bank by it (per-block counts).
+        for site in layer_sites(base_model, find_targets(base_model, method_config.target_modules)):
+            parent_name, _, child = site.name.rpartition(".")
             parent = base_model.get_submodule(parent_name) if parent_name else base_model
-            layer = method.layer_cls(getattr(parent, child), method_config, self.context)
-            layer.layer_name = name
-            setattr(parent, child, layer)
+            setattr(parent, child, method.layer_cls(getattr(parent, child), method_config, self.context, site))
         for layer in self.adapter_layers().values():
             self.place_adapter(layer, like=layer.base_layer.weight)
         self.head_rows = HeadRows(base_model.get_output_embeddings())  # forward(supervised_positions=...)
@@ -352,8 +352,6 @@ class MoELoRAModel(nn.Module):
         """Write the adapter atomically. `format="peft"` writes a folder PEFT's LoRA loads (LoRA only);
         `dtype` stores the tensors in another precision (e.g. torch.bfloat16 for released checkpoints);
         `state` is an `adapter_state_dict()` taken earlier (e.g. gathered from ZeRO-3 shards)."""
-        from .peft_compat import export_peft_lora
-
         tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
                    for k, v in (state if state is not None else self.adapter_state_dict()).items()}
         if (bad := first_non_finite(tensors)) is not None:  # checked after the cast: fp16 can overflow to inf
@@ -363,8 +361,8 @@ class MoELoRAModel(nn.Module):
                 "moelora_version": __version__, "method": self.method_config.method_name,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(manifest or {})}
         with atomic_dir(path) as tmp:
-            if format == "peft":
-                export_peft_lora(self, tensors, tmp)
+            if format == "peft":  # the method's own PEFT writer (registry); refused for methods without one
+                peft_exporter(self.method_config.method_name)(self, tensors, tmp)
             elif format == "moelora":
                 self.write_adapter_files(tmp, tensors)
             else:
@@ -401,8 +399,6 @@ class MoELoRAModel(nn.Module):
                         is_trainable: bool = False, allow_non_finite: bool = False) -> MoELoRAModel:
         """Load a moelora adapter folder, or a PEFT LoRA folder, onto `base_model`. An adapter holding
         NaN/inf weights is refused unless `allow_non_finite=True` (for inspecting a diverged run)."""
-        from .peft_compat import import_peft_lora
-
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"adapter folder not found: {path}")
@@ -422,8 +418,10 @@ class MoELoRAModel(nn.Module):
             model = model_cls.from_saved_config(base_model, cfg, base_model_id or manifest.get("base_model"), meta)
             model.load_adapter_state_dict(*model.read_adapter_files(path), allow_non_finite=allow_non_finite)
         elif (path / "adapter_config.json").is_file():
+            # What a PEFT folder loads as is registered by the methods, by peft_type (LORA: our LoRA, XLORA: X-LoRA)
+            importer = get_peft_importer(read_adapter_config(path).get("peft_type"), str(path / "adapter_config.json"))
             try:
-                model = import_peft_lora(cls, base_model, path, base_model_id)
+                model = importer(cls, base_model, path, base_model_id)
             except (TypeError, ValueError, KeyError, AttributeError) as exc:
                 if isinstance(exc, MoeloraError):
                     raise

@@ -58,7 +58,7 @@ def test_peft_format_export_loads_in_peft_with_same_logits(tmp_path, batch, base
 
 def test_peft_export_refuses_routed_methods(tmp_path, tiny_llama):
     model = moelora.get_moelora_model(tiny_llama[0], moelora.SMoRAConfig(r=8, k=2))
-    with pytest.raises(moelora.CheckpointError, match="plain LoRA only"):
+    with pytest.raises(moelora.CheckpointError, match="no PEFT equivalent"):
         model.save_pretrained(tmp_path / "x", format="peft")
     assert not (tmp_path / "x").exists()  # nothing half-written
 

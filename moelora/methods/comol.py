@@ -62,8 +62,8 @@ class CoMoLConfig(MethodConfig):
 
 
 class CoMoLLayer(AdapterLayer):
-    def __init__(self, base_layer, config: CoMoLConfig, context):
-        super().__init__(base_layer, config, context)
+    def __init__(self, base_layer, config: CoMoLConfig, context, site):
+        super().__init__(base_layer, config, context, site)
         w = base_layer.weight
         dtype = getattr(self, "adapter_dtype", w.dtype)
         kw = dict(dtype=dtype, device=w.device)

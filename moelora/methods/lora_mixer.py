@@ -108,8 +108,8 @@ class LoRAMixerConfig(ExpertsConfig):
 
 
 class LoRAMixerLayer(ExpertBankLayer):
-    def __init__(self, base_layer, config: LoRAMixerConfig, context):
-        super().__init__(base_layer, config, context)
+    def __init__(self, base_layer, config: LoRAMixerConfig, context, site):
+        super().__init__(base_layer, config, context, site)
         w = base_layer.weight
         # Small random router: routing starts near uniform (loaded experts start near their average), and
         # ties do not send every token's top-1 to expert 0 (which the load statistics would report as collapse).

@@ -76,15 +76,15 @@ class MeteoRAConfig(ExpertsConfig):
 
 
 class MeteoRALayer(ExpertBankLayer):
-    def __init__(self, base_layer, config: MeteoRAConfig, context):
-        super().__init__(base_layer, config, context)
+    def __init__(self, base_layer, config: MeteoRAConfig, context, site):
+        super().__init__(base_layer, config, context, site)
         # nn.Linear's default init, as the reference's gate after its last adapter is added.
         self.gate = nn.Parameter(torch.empty(self.n_experts, self.in_features, dtype=self.lora_A.dtype,
                                              device=self.lora_A.device))
         kaiming_uniform_(self.gate)
         # The gate reads the input before dropout and the experts after: this layer applies the dropout itself.
         self.expert_dropout, self.dropout = self.dropout, nn.Identity()
-        self.n_gates = 1  # gates in the model (set by MeteoRAModel): the gate loss is a mean over all of them
+        self.n_gates = site.count  # gates in the model: the gate loss is a mean over all of them
         self.router_stats = RouterStats(self, self.n_experts)
         self.register_buffer("stat_gate_loss", torch.zeros(2, device=self.lora_A.device), persistent=False)
 
@@ -133,13 +133,7 @@ class MeteoRALayer(ExpertBankLayer):
 
 
 class MeteoRAModel(ExpertBankModel):
-    """Fills the experts from PEFT folders (the bank) and tells every gate how many gates share the loss."""
-
-    def __init__(self, base_model, method_config, base_model_id=None):
-        super().__init__(base_model, method_config, base_model_id)
-        layers = self.adapter_layers().values()
-        for layer in layers:
-            layer.n_gates = len(layers)
+    """Fills the experts from PEFT folders (the bank) and checks the task labels the gate loss reads."""
 
     def experts_trainable(self) -> bool:
         return self.method_config.experts_trainable()

@@ -76,8 +76,8 @@ class MixLoRAConfig(MethodConfig):
 
 
 class MixLoRALayer(AdapterLayer):
-    def __init__(self, base_layer, config: MixLoRAConfig, context):
-        super().__init__(base_layer, config, context)
+    def __init__(self, base_layer, config: MixLoRAConfig, context, site):
+        super().__init__(base_layer, config, context, site)
         w = base_layer.weight
         kw = dict(dtype=self.adapter_dtype, device=w.device)
         e, r, d_in = config.num_factors, config.r, self.in_features

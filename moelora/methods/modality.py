@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import load_tensors, read_json, save_tensors, write_json
+from ..checkpoint import load_tensors, save_tensors, write_json
 from ..config import MethodConfig
 from ..errors import CheckpointError, DataError
 from ..layer import AdapterLayer, kaiming_uniform_
@@ -39,7 +39,7 @@ from ..model import CONFIG_NAME
 from ..multimodal.encoders import AudioEncoder, projector
 from ..multimodal.model import MultimodalLoRAModel
 from ..ops import rank_activation
-from ..peft_compat import PEFT_PREFIX
+from ..peft_compat import PeftLoRA, model_lora_config, read_lora, read_lora_factors, write_lora_folder
 from ..registry import register_method
 
 MODALITIES = ("vision", "speech")  # block 0, block 1 of every layer's bank
@@ -80,8 +80,8 @@ class ModalityLoRAConfig(MethodConfig):
 
 
 class ModalityLoRALayer(AdapterLayer):
-    def __init__(self, base_layer, config: ModalityLoRAConfig, context):
-        super().__init__(base_layer, config, context)
+    def __init__(self, base_layer, config: ModalityLoRAConfig, context, site):
+        super().__init__(base_layer, config, context, site)
         w = base_layer.weight
         self.block = max(config.rank(m) for m in MODALITIES)
         bank = len(MODALITIES) * self.block
@@ -188,30 +188,30 @@ class ModalityLoRAModel(MultimodalLoRAModel):
 
     # --- files: one PEFT LoRA folder per modality + the encoders ---------------------------------------
     def _peft_config(self, modality: str) -> dict:
-        from transformers.pytorch_utils import Conv1D
-
         cfg = self.method_config
-        conv1d = any(isinstance(layer.base_layer, Conv1D) for layer in self.adapter_layers().values())
-        return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": self.base_model_id or None,
-                "r": cfg.rank(modality), "lora_alpha": getattr(cfg, f"{modality}_alpha"),
-                "lora_dropout": getattr(cfg, f"{modality}_dropout"),
-                "target_modules": cfg.target_modules, "use_rslora": False, "fan_in_fan_out": conv1d, "bias": "none",
-                "inference_mode": True, "init_lora_weights": True, "modules_to_save": None}
+        return model_lora_config(self, cfg.rank(modality), getattr(cfg, f"{modality}_alpha"),
+                                 getattr(cfg, f"{modality}_dropout"))
+
+    @staticmethod
+    def _read_lora(folder) -> PeftLoRA:
+        """A modality's PEFT folder config: the format's checks (no DoRA, alpha/rank patterns, ...), and alpha / r
+        scaling only (each modality's scale is alpha_m / r_m)."""
+        lora = read_lora(folder)
+        if lora.use_rslora:
+            raise CheckpointError(f"{folder}/adapter_config.json: 'use_rslora': true is not supported by modality "
+                                  "routing (each LoRA is scaled alpha / r)")
+        return lora
 
     def write_adapter_files(self, folder: Path, tensors: dict[str, torch.Tensor]) -> None:
         write_json(folder / CONFIG_NAME, self.saved_config())
         save_tensors(folder / ENCODERS_NAME, {k[len("encoders."):]: v for k, v in tensors.items()
                                               if k.startswith("encoders.")}, metadata={"format": "moelora"})
         for i, modality in enumerate(MODALITIES):
-            sub = folder / f"{modality}-lora"
-            sub.mkdir()
-            write_json(sub / "adapter_config.json", self._peft_config(modality))
-            peft = {}
-            for name, layer in self.adapter_layers().items():
-                lo, r = i * layer.block, self.method_config.rank(modality)
-                peft[f"{PEFT_PREFIX}{name}.lora_A.weight"] = tensors[f"{name}.lora_A"][lo:lo + r]
-                peft[f"{PEFT_PREFIX}{name}.lora_B.weight"] = tensors[f"{name}.lora_B"][:, lo:lo + r]
-            save_tensors(sub / "adapter_model.safetensors", peft, metadata={"format": "pt"})
+            r = self.method_config.rank(modality)
+            factors = {name: (tensors[f"{name}.lora_A"][i * layer.block:i * layer.block + r],
+                              tensors[f"{name}.lora_B"][:, i * layer.block:i * layer.block + r])
+                       for name, layer in self.adapter_layers().items()}
+            write_lora_folder(folder / f"{modality}-lora", self._peft_config(modality), factors)
 
     def read_adapter_files(self, folder: Path) -> tuple[dict[str, torch.Tensor], str]:
         folder = Path(folder)
@@ -223,9 +223,9 @@ class ModalityLoRAModel(MultimodalLoRAModel):
                             for k, v in list(tensors.items()) if k.startswith("encoders.audio.proj.")})
         for i, modality in enumerate(MODALITIES):
             sub = folder / f"{modality}-lora"
-            peft_cfg = read_json(sub / "adapter_config.json", f"{modality} PEFT adapter config")
+            lora = self._read_lora(sub)
             want = (self.method_config.rank(modality), float(getattr(self.method_config, f"{modality}_alpha")))
-            got = (peft_cfg.get("r"), float(peft_cfg.get("lora_alpha", peft_cfg.get("r", 0))))
+            got = (lora.r, lora.alpha)
             if got != want:
                 raise CheckpointError(f"{sub}/adapter_config.json: r/lora_alpha {got} differ from {folder / CONFIG_NAME}'s "
                                       f"{modality}_r/{modality}_alpha {want}")
@@ -235,21 +235,20 @@ class ModalityLoRAModel(MultimodalLoRAModel):
     def _fill_from_peft(self, tensors: dict, i: int, modality: str, sub: Path) -> None:
         """Copy one modality's PEFT LoRA tensors into block i of every layer's (zero-padded) bank."""
         own = self.adapter_state_dict()
-        peft = load_tensors(sub / "adapter_model.safetensors")
+        factors = read_lora_factors(sub, who=f"{modality} LoRA {sub}")
         r = self.method_config.rank(modality)
         for name, layer in self.adapter_layers().items():
+            if name not in factors:
+                raise CheckpointError(f"{sub}/adapter_model.safetensors has no LoRA for '{name}' "
+                                      "(different target_modules?)")
             lo = i * layer.block
-            for leaf in ("lora_A", "lora_B"):
-                key = f"{PEFT_PREFIX}{name}.{leaf}.weight"
-                if key not in peft:
-                    raise CheckpointError(f"{sub}/adapter_model.safetensors has no tensor '{key}' "
-                                          "(different target_modules?)")
+            for leaf, value in zip(("lora_A", "lora_B"), factors[name]):
                 full = tensors.setdefault(f"{name}.{leaf}", torch.zeros_like(own[f"{name}.{leaf}"]))
                 part = full[lo:lo + r] if leaf == "lora_A" else full[:, lo:lo + r]
-                if part.shape != peft[key].shape:
-                    raise CheckpointError(f"{sub}/adapter_model.safetensors: '{key}' has shape "
-                                          f"{list(peft[key].shape)}, expected {list(part.shape)}")
-                part.copy_(peft[key])
+                if part.shape != value.shape:
+                    raise CheckpointError(f"{sub}/adapter_model.safetensors: '{name}.{leaf}' has shape "
+                                          f"{list(value.shape)}, expected {list(part.shape)}")
+                part.copy_(value)
 
     @classmethod
     def from_peft_folders(cls, base_model, folders: dict, encoder_config=None, base_model_id=None) -> "ModalityLoRAModel":
@@ -257,18 +256,13 @@ class ModalityLoRAModel(MultimodalLoRAModel):
         speech-lora/), each with its own rank and alpha; the encoders start fresh."""
         if set(folders) != set(MODALITIES):
             raise CheckpointError(f"from_peft_folders needs one folder per modality {list(MODALITIES)}, got {sorted(folders)}")
-        cfgs = {m: read_json(Path(folders[m]) / "adapter_config.json", f"{m} PEFT adapter config") for m in MODALITIES}
-        for m, c in cfgs.items():
-            if c.get("peft_type") != "LORA" or c.get("use_rslora") or c.get("use_dora"):
-                raise CheckpointError(f"{folders[m]}/adapter_config.json: only plain PEFT LoRA (no rsLoRA/DoRA) is supported")
-        targets = [sorted(c["target_modules"]) if isinstance(c["target_modules"], list) else c["target_modules"]
-                   for c in cfgs.values()]
+        loras = {m: cls._read_lora(folders[m]) for m in MODALITIES}
+        targets = [lora.target_modules for lora in loras.values()]
         if targets[0] != targets[1]:
             raise CheckpointError(f"the vision and speech folders adapt different modules: {targets[0]} vs {targets[1]}")
-        fields = {f: v for m, c in cfgs.items() for f, v in ((f"{m}_r", int(c["r"])), (f"{m}_alpha", float(c["lora_alpha"])))}
-        dropouts = {f"{m}_dropout": float(c.get("lora_dropout", 0.0) or 0.0) for m, c in cfgs.items()}
-        config = ModalityLoRAConfig(target_modules=targets[0], **dropouts, **fields)
-        model = cls(base_model, config, base_model_id or cfgs["vision"].get("base_model_name_or_path"),
+        fields = {f: v for m, c in loras.items() for f, v in ((f"{m}_r", c.r), (f"{m}_alpha", c.alpha), (f"{m}_dropout", c.dropout))}
+        config = ModalityLoRAConfig(target_modules=targets[0], **fields)
+        model = cls(base_model, config, base_model_id or loras["vision"].base_model,
                     encoder_config=encoder_config)
         tensors = dict(model.adapter_state_dict())
         for key in [k for k in tensors if not k.startswith("encoders.")]:

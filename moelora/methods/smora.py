@@ -72,8 +72,8 @@ class SMoRAConfig(MethodConfig):
 
 
 class SMoRALayer(AdapterLayer):
-    def __init__(self, base_layer, config: SMoRAConfig, context):
-        super().__init__(base_layer, config, context)
+    def __init__(self, base_layer, config: SMoRAConfig, context, site):
+        super().__init__(base_layer, config, context, site)
         w = base_layer.weight
         kw = dict(dtype=self.adapter_dtype, device=w.device)
         r, d_in = config.r, self.in_features

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,7 @@ from ..errors import ConfigError, MoeloraError
 from ..experts import ExpertBankLayer, ExpertBankModel, ExpertsConfig
 from ..layer import RouterStats, in_backward
 from ..ops import rank_activation
-from ..peft_compat import read_peft_lora_config
+from ..peft_compat import read_lora
 from ..registry import register_method
 from ..routing import top_k_gates
 
@@ -87,7 +86,7 @@ class XLoRAConfig(ExpertsConfig):
         if cached is None or cached[0] != key:  # reading each PEFT config once per distinct value
             given = self.expert_dropout or {}
             values = [float(given[s.name]) if s.name in given else
-                      float(read_peft_lora_config(Path(s.path)).get("lora_dropout", 0.0) or 0.0) if s.path else
+                      read_lora(s.path).dropout if s.path else
                       float(self.dropout) for s in self.expert_specs()]
             cached = (key, values)
             self.__dict__["_dropouts"] = cached
@@ -126,9 +125,9 @@ class XLoRAClassifier(nn.Module):
 
 
 class XLoRALayer(ExpertBankLayer):
-    def __init__(self, base_layer, config: XLoRAConfig, context):
-        super().__init__(base_layer, config, context)
-        self.layer_index = -1  # set by XLoRAModel: this module's column block in the classifier output
+    def __init__(self, base_layer, config: XLoRAConfig, context, site):
+        super().__init__(base_layer, config, context, site)
+        self.layer_index = site.index  # this module's column block in the classifier output (PEFT's layer_number)
         # Each expert drops out its own input (PEFT: one lora_dropout per expert LoRA), so this layer applies
         # the dropout itself instead of the shared one before `update`.
         self.expert_p = config.expert_dropouts()
@@ -211,9 +210,7 @@ class XLoRAModel(ExpertBankModel):
 
     def __init__(self, base_model, method_config: XLoRAConfig, base_model_id=None):
         super().__init__(base_model, method_config, base_model_id)
-        self.xlora_layers = list(self.adapter_layers().values())
-        for i, layer in enumerate(self.xlora_layers):
-            layer.layer_index = i
+        self.xlora_layers = sorted(self.adapter_layers().values(), key=lambda layer: layer.site.index)
         hidden = base_model.config.get_text_config().hidden_size
         if method_config.hidden_size not in (None, hidden):
             raise ConfigError("method.hidden_size", f"is {method_config.hidden_size} but the base model's hidden "

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoint import load_tensors, read_json
+from ..checkpoint import load_tensors
 from ..errors import CheckpointError
-from ..peft_compat import peft_weights_file, read_peft_lora_config
+from ..peft_compat import peft_weights_file, read_adapter_config, read_lora
+from ..registry import register_peft_importer
 
 _CLASSIFIER = "internal_xlora_classifier."
 _OPTIONS = ("xlora_depth", "xlora_size", "xlora_dropout_p", "enable_softmax", "enable_softmax_topk",
@@ -43,21 +44,20 @@ def import_peft_xlora(base_model, path: str | Path, base_model_id: str | None = 
     from .xlora import XLoRAConfig, XLoRAModel
 
     path = Path(path)
-    cfg = read_json(path / "adapter_config.json", "PEFT X-LoRA config")
+    cfg = read_adapter_config(path, "PEFT X-LoRA config")
     if cfg.get("peft_type") != "XLORA":
         raise CheckpointError(f"{path}/adapter_config.json: peft_type {cfg.get('peft_type')!r} is not XLORA")
     adapters = experts if experts is not None else cfg.get("adapters") or {}
     if not adapters:
         raise CheckpointError(f"{path}/adapter_config.json names no expert adapters")
     folders = {name: _expert_folder(name, value, path) for name, value in adapters.items()}
-    targets = {name: read_peft_lora_config(Path(f)).get("target_modules") for name, f in folders.items()}
+    targets = {name: read_lora(f).target_modules for name, f in folders.items()}
     first = next(iter(targets.values()))
-    norm = (lambda t: sorted(t) if isinstance(t, (list, tuple, set)) else t)
-    if any(norm(t) != norm(first) for t in targets.values()):
+    if any(t != first for t in targets.values()):
         raise CheckpointError(f"{path}: the experts target different modules ({targets}); moelora's X-LoRA needs "
                               "experts on the same modules")
     options = {k: cfg[k] for k in _OPTIONS if k in cfg}
-    config = XLoRAConfig(experts=folders, target_modules=norm(first), hidden_size=cfg.get("hidden_size"), **options)
+    config = XLoRAConfig(experts=folders, target_modules=first, hidden_size=cfg.get("hidden_size"), **options)
     model = XLoRAModel(base_model, config, base_model_id or cfg.get("base_model_name_or_path"))
 
     weights = peft_weights_file(path)
@@ -77,3 +77,8 @@ def import_peft_xlora(base_model, path: str | Path, base_model_id: str | None = 
                                   f"model and config need {list(own[key].shape)}")
     model.xlora_classifier.load_state_dict(found)
     return model.eval()
+
+
+# PEFT X-LoRA folders (peft_type XLORA) load as our X-LoRA through MoELoRAModel.from_pretrained.
+register_peft_importer("XLORA", lambda model_cls, base_model, path, base_model_id=None:
+                       import_peft_xlora(base_model, path, base_model_id))

@@ -111,8 +111,8 @@ class RunConfig(StrictConfig):
         if model_cls is not None and issubclass(model_cls, MultimodalLoRAModel) and self.data.suite != "multimodal":
             raise ConfigError("data.suite", f"method '{self.method_config.method_name}' routes by images/audio: "
                               "set data.suite: multimodal")
-        if self.save_format == "peft" and self.method_config.method_name != "lora":
-            raise ConfigError("save_format", f"'peft' writes plain LoRA folders; method "
+        if self.save_format == "peft" and get_method(self.method_config.method_name).peft_exporter is None:
+            raise ConfigError("save_format", f"'peft' writes PEFT folders; method "
                               f"'{self.method_config.method_name}' has no PEFT equivalent (use moelora)")
         positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",
                     "eval_max_new_tokens", "logging_steps", "save_total_limit"]

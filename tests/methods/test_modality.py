@@ -123,6 +123,22 @@ def test_mismatched_folder_is_refused(tmp_path):
         moelora.MoELoRAModel.from_pretrained(resolve_base_model("tiny-random-llama")[0], tmp_path / "adapter")
 
 
+@pytest.mark.parametrize("option,value", [("alpha_pattern", {"q_proj": 64}), ("rank_pattern", {"v_proj": 8}),
+                                          ("use_dora", True), ("use_rslora", True)])
+def test_a_modality_folder_with_options_plain_lora_cannot_reproduce_is_refused(option, value, tmp_path):
+    """A PEFT option that changes the scale or shape (alpha_pattern: another alpha for q_proj) must not load
+    silently with the folder's plain alpha: both the moelora folder and from_peft_folders refuse it by name."""
+    model, _ = _model()
+    model.save_pretrained(tmp_path / "adapter")
+    path = tmp_path / "adapter/speech-lora/adapter_config.json"
+    write_json(path, {**read_json(path), option: value})
+    with pytest.raises(moelora.CheckpointError, match=f"speech-lora/adapter_config.json: '{option}'"):
+        moelora.MoELoRAModel.from_pretrained(resolve_base_model("tiny-random-llama")[0], tmp_path / "adapter")
+    folders = {m: tmp_path / f"adapter/{m}-lora" for m in ("vision", "speech")}
+    with pytest.raises(moelora.CheckpointError, match=option):
+        ModalityLoRAModel.from_peft_folders(resolve_base_model("tiny-random-llama")[0], folders)
+
+
 def test_generation_of_a_mixed_batch_equals_each_sample_alone():
     from moelora.evaluation import evaluate_exact_match
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import moelora
-from moelora.layer import RoutingContext
+from moelora.layer import LayerSite, RoutingContext
 from moelora.methods.smora import SMoRALayer
 from tests.conftest import randomize_adapters
 
@@ -14,7 +14,7 @@ def _layer(gate_fn="sigmoid_norm", bias_in_gate=True, r=8, k=3, alpha=6.0):
     torch.manual_seed(0)
     base = nn.Linear(5, 4)
     cfg = moelora.SMoRAConfig(r=r, k=k, alpha=alpha, gate_fn=gate_fn, bias_in_gate=bias_in_gate)
-    layer = SMoRALayer(base, cfg, RoutingContext())
+    layer = SMoRALayer(base, cfg, RoutingContext(), LayerSite.alone())
     with torch.no_grad():
         layer.lora_B.normal_()
         layer.bias.normal_(std=0.3)
