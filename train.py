@@ -67,6 +67,7 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     from moelora.training.batches import BatchOrder
     from moelora.errors import ConfigError, TrainingError, short_repr
     from moelora.training.output_dir import check_output_dir, claim_output_dir, continue_data_selection
+    from moelora.training.parts import configure_parts, parameter_groups
     from moelora.training.metrics import MetricsLogger, name_layers, router_health, summarise_router_stats
     from moelora.training.state import (load_checkpoint, prune_checkpoints, read_trainer_state, resolve_resume,
                                         save_checkpoint)
@@ -101,6 +102,10 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     if note := continue_data_selection(cfg, resume):  # data.tasks=auto resumes on the checkpoint's own tasks
         accelerator.print(note)
     train_examples, eval_examples = load_examples(cfg)
+    if cfg.init_encoders_from:  # its folder and encoder config are checked now, before the model loads
+        from moelora.multimodal.transfer import matching_adapter_folder
+
+        matching_adapter_folder(cfg.init_encoders_from, cfg.encoders)
     # Task-routed methods (LoRA-Mixer's stage 1) need an expert per task: every task is checked now, not
     # when its first row comes up mid-run.
     cfg.method_config.task_labels(sorted({ex["task"] for ex in train_examples + eval_examples}))
@@ -123,6 +128,12 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
                           f"large?): {short_repr(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}") from None
     # ZeRO-3 gathers an encoder's shards on every process at once: each must run it every step
     model.run_every_encoder = multimodal and accelerator.num_processes > 1
+    if cfg.init_encoders_from:  # e.g. the align stage's run: its encoders + projectors (safetensors) start this run
+        from moelora.multimodal.transfer import load_encoders_from
+
+        n_copied = load_encoders_from(model, cfg.init_encoders_from)
+        accelerator.print(f"encoders and projectors initialised from {cfg.init_encoders_from} ({n_copied} tensors)")
+    configure_parts(model, cfg)  # stage (align: adapters off in the forward) and freeze_* switches
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     base.config.use_cache = False  # no KV cache while training; generation turns it back on
@@ -146,7 +157,9 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     max_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * order.batches_per_epoch / g)
 
     # --- 5. optimizer and schedule (the scheduler is stepped by hand: once per optimizer step) ---
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # One parameter group per part (adapters, encoders, projectors) with its own learning rate; the scheduler
+    # scales every group alike.
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.warmup_ratio * max_steps),
                               num_training_steps=max_steps)
 

@@ -40,7 +40,8 @@ FORWARD_SIGNATURE = inspect.Signature(
     [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     + [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
        for n in ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "labels",
-                 "use_cache", "cache_position", "logits_to_keep")]
+                 "use_cache", "cache_position", "logits_to_keep",
+                 "media_mask", "images", "audio")]  # consumed by a model's encoders (moelora.multimodal.model)
     + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
 
 

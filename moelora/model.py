@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import (atomic_dir, check_fingerprint, first_non_finite, fingerprint, load_tensors, read_json,
-                         save_tensors, write_json)
+from .adapter_folder import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME, is_moelora_folder, read_moelora_folder
+from .checkpoint import atomic_dir, first_non_finite, fingerprint, load_tensors, read_json, save_tensors, write_json
 from .config import suggest
 from .errors import CheckpointError, ConfigError, DataError, MoeloraError, short_repr
 from .layer import AdapterLayer, RoutingContext, adapter_dtype_for, layer_sites, linear_dims
@@ -31,10 +31,6 @@ from .hf_trainer import FORWARD_SIGNATURE, fused_outputs, trainer_signature, wat
 from .fsdp import fsdp_units, gathered_fsdp
 from .supervised_loss import HeadRows, supervised_loss
 from .targets import find_targets, resolve_default_targets  # noqa: F401  (find_targets: public here too)
-
-CONFIG_NAME = "moelora_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-MANIFEST_NAME = "manifest.json"
 
 
 def check_token_ids(input_ids, vocab: int) -> None:
@@ -79,6 +75,24 @@ class MoELoRAModel(nn.Module):
             watch_optimizer_steps(self)  # router state updates after each optimizer step that trains this model
         return super().train(mode)
 
+    @property
+    def media_tokens(self) -> dict[str, int] | None:
+        """Placeholder tokens per image / audio clip when this model owns encoders (None: text only)."""
+        encoders = self._modules.get("encoders")
+        return encoders.media_tokens if encoders is not None else None
+
+    @property
+    def encoder_config(self):
+        """The `moelora.multimodal.EncoderConfig` of this model's encoders (None: text only)."""
+        encoders = self._modules.get("encoders")
+        return encoders.config if encoders is not None else None
+
+    def attach_encoders(self, config, pretrained_trained: dict | None = None) -> nn.Module:
+        """Give this model image/audio encoders (`moelora.multimodal.model`): any method's model can own them."""
+        from .multimodal.model import attach_encoders
+
+        return attach_encoders(self, config, pretrained_trained)
+
     def get_base_model(self) -> nn.Module:
         """The wrapped transformers model (adapter layers inside), as PEFT's method of the same name."""
         return self.base_model
@@ -97,6 +111,8 @@ class MoELoRAModel(nn.Module):
         """Module-path names of what a checkpoint holds: adapter tensors and whatever else trains."""
         layers = {f"base_model.{name}.": layer for name, layer in self.adapter_layers().items()}
         keys = [f"{p}{k}" for p, layer in layers.items() for k in layer.state_dict() if not k.startswith("base_layer.")]
+        if "encoders" in self._modules:  # frozen encoders too: a checkpoint holds every saved encoder tensor
+            keys += [f"encoders.{k}" for k in self.encoders.saved_state_dict()]
         keys += [n for n, p in self.named_parameters() if p.requires_grad and n not in keys]
         return keys
 
@@ -203,6 +219,10 @@ class MoELoRAModel(nn.Module):
 
     def generate(self, *args, attention_mask: torch.Tensor | None = None, sample_labels: torch.Tensor | None = None,
                  **kwargs):
+        if "encoders" in self._modules:  # media_mask/images/audio -> inputs_embeds beside the ids
+            from .multimodal.model import generation_inputs
+
+            args, kwargs, sample_labels = generation_inputs(self, args, kwargs, sample_labels)
         self.context.start_forward(attention_mask, sample_labels, generating=True)
         return self.base_model.generate(*args, attention_mask=attention_mask, **kwargs)
 
@@ -229,15 +249,19 @@ class MoELoRAModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Run the plain base model inside this block (e.g. to evaluate the base on the same object)."""
-        layers = list(self.adapter_layers().values())
-        for layer in layers:
-            layer.adapter_enabled = False
+        """Run the plain base model inside this block (e.g. to evaluate the base on the same object): adapters
+        and encoders off. On exit each is as it was (an align-stage run keeps its adapters off throughout)."""
+        switches = [(layer, "adapter_enabled") for layer in self.adapter_layers().values()]
+        if "encoders" in self._modules:
+            switches.append((self.encoders, "enabled"))
+        before = [getattr(obj, attr) for obj, attr in switches]
+        for obj, attr in switches:
+            setattr(obj, attr, False)
         try:
             yield self
         finally:
-            for layer in layers:
-                layer.adapter_enabled = True
+            for (obj, attr), value in zip(switches, before):
+                setattr(obj, attr, value)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -283,6 +307,8 @@ class MoELoRAModel(nn.Module):
             for key, value in layer.state_dict().items():
                 if not key.startswith("base_layer."):
                     out[f"{name}.{key}"] = value
+        if "encoders" in self._modules:  # image/audio encoders + projectors (pretrained backbones if trained)
+            out.update({f"encoders.{k}": v for k, v in self.encoders.saved_state_dict().items()})
         return out
 
     @contextlib.contextmanager
@@ -296,6 +322,8 @@ class MoELoRAModel(nn.Module):
         saved = {id(p): p for layer in self.adapter_layers().values() for n, p in layer.named_parameters()
                  if not n.startswith("base_layer.")}
         saved.update({id(p): p for p in self.parameters() if p.requires_grad})
+        if "encoders" in self._modules:  # frozen encoders are saved too
+            saved.update({id(p): p for p in self.encoders.parameters()})
         sharded = [p for p in saved.values() if hasattr(p, "ds_id")]
         if fsdp_units(self):  # FSDP2 (fully_shard): the saved parameters as full tensors, for the block
             with gathered_fsdp(self, {id(p) for p in saved.values()}):
@@ -373,8 +401,11 @@ class MoELoRAModel(nn.Module):
     # multimodal models) or split them into other files (per-modality PEFT folders) override them.
     def saved_config(self) -> dict:
         """What moelora_config.json holds: enough to rebuild an empty model of this kind."""
-        return {"method": self.method_config.method_name, "moelora_version": __version__,
-                "config": self.method_config.to_dict()}
+        out = {"method": self.method_config.method_name, "moelora_version": __version__,
+               "config": self.method_config.to_dict()}
+        if "encoders" in self._modules:  # "encoders": their config (+ "pretrained_encoders": folder, trained)
+            out.update(self.encoders.saved_config())
+        return out
 
     def write_adapter_files(self, folder: Path, tensors: dict[str, torch.Tensor]) -> None:
         write_json(folder / CONFIG_NAME, self.saved_config())
@@ -387,12 +418,12 @@ class MoELoRAModel(nn.Module):
     @classmethod
     def from_saved_config(cls, base_model: nn.Module, cfg, base_model_id: str | None, meta: dict) -> MoELoRAModel:
         """An untrained model for the config `saved_config` wrote (multimodal ones rebuild their encoders)."""
+        model = cls(base_model, cfg, base_model_id)
         if meta.get("encoders") is not None:
-            from .multimodal.model import EncoderConfig, multimodal_model_class
+            from .multimodal.model import saved_encoder_config
 
-            encoders = EncoderConfig.from_dict(meta["encoders"], prefix="encoders")
-            return multimodal_model_class(cls)(base_model, cfg, base_model_id, encoder_config=encoders)
-        return cls(base_model, cfg, base_model_id)
+            model.attach_encoders(*saved_encoder_config(meta))
+        return model
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, path: str | Path, base_model_id: str | None = None,
@@ -402,20 +433,11 @@ class MoELoRAModel(nn.Module):
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"adapter folder not found: {path}")
-        if (path / CONFIG_NAME).is_file():
-            meta = read_json(path / CONFIG_NAME, "adapter config")
-            if not isinstance(meta.get("config"), dict):
-                raise CheckpointError(f"adapter config {path / CONFIG_NAME}: 'config' must be a JSON object of "
-                                      f"the method's fields, got {short_repr(meta.get('config'))}")
-            cfg = config_from_dict(dict(meta["config"]), prefix=f"{path / CONFIG_NAME}")
-            manifest = read_json(path / MANIFEST_NAME, "manifest") if (path / MANIFEST_NAME).is_file() else {}
-            if "base_fingerprint" in manifest:
-                if not isinstance(manifest["base_fingerprint"], dict):
-                    raise CheckpointError(f"manifest {path / MANIFEST_NAME}: 'base_fingerprint' must be a JSON "
-                                          f"object, got {short_repr(manifest['base_fingerprint'])}")
-                check_fingerprint(manifest["base_fingerprint"], base_model, str(path))
-            model_cls = get_method(cfg.method_name).model_cls or cls
-            model = model_cls.from_saved_config(base_model, cfg, base_model_id or manifest.get("base_model"), meta)
+        if is_moelora_folder(path):
+            saved = read_moelora_folder(path, base_model)
+            model_cls = get_method(saved.method).model_cls or cls
+            model = model_cls.from_saved_config(base_model, saved.config, base_model_id or saved.manifest.get("base_model"),
+                                                saved.meta)
             model.load_adapter_state_dict(*model.read_adapter_files(path), allow_non_finite=allow_non_finite)
         elif (path / "adapter_config.json").is_file():
             # What a PEFT folder loads as is registered by the methods, by peft_type (LORA: our LoRA, XLORA: X-LoRA)
@@ -452,11 +474,10 @@ def get_moelora_model(base_model: nn.Module, config, base_model_id: str | None =
     if isinstance(config, dict):
         config = config_from_dict(config)
     model_cls = get_method(config.method_name).model_cls or MoELoRAModel
+    model = model_cls(base_model, config, base_model_id)
     if encoders is not None:
-        from .multimodal.model import multimodal_model_class
-
-        return multimodal_model_class(model_cls)(base_model, config, base_model_id, encoder_config=encoders)
-    return model_cls(base_model, config, base_model_id)
+        model.attach_encoders(encoders)
+    return model
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, allow_non_finite: bool = False):

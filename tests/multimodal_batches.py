@@ -39,5 +39,5 @@ def mixed_batch(model, tokenizer, examples=None, labels: bool = False) -> dict:
 def base_inputs(model, batch) -> dict:
     """What the plain base LM must be fed to see what `model` sees (encoder tokens over the placeholders)."""
     with torch.no_grad():
-        embeds = model.embed(batch["input_ids"], batch["media_mask"], batch.get("images"), batch.get("audio"))
+        embeds = model.encoders.embed(model, batch["input_ids"], batch["media_mask"], batch.get("images"), batch.get("audio"))
     return {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"]}

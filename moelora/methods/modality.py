@@ -36,8 +36,8 @@ from ..config import MethodConfig
 from ..errors import CheckpointError, DataError
 from ..layer import AdapterLayer, kaiming_uniform_
 from ..model import CONFIG_NAME
-from ..multimodal.encoders import AudioEncoder, projector
-from ..multimodal.model import MultimodalLoRAModel
+from ..model import MoELoRAModel
+from ..multimodal.encoders import AudioEncoder, EncoderConfig, projector
 from ..ops import rank_activation
 from ..peft_compat import PeftLoRA, model_lora_config, read_lora, read_lora_factors, write_lora_folder
 from ..registry import register_method
@@ -80,7 +80,7 @@ class ModalityLoRAConfig(MethodConfig):
 
 
 class ModalityLoRALayer(AdapterLayer):
-    def __init__(self, base_layer, config: ModalityLoRAConfig, context, site):
+    def __init__(self, base_layer, config: ModalityLoRAConfig, context, site=None):
         super().__init__(base_layer, config, context, site)
         w = base_layer.weight
         self.block = max(config.rank(m) for m in MODALITIES)
@@ -132,32 +132,23 @@ class VisionSpeechAudioEncoder(AudioEncoder):
         return torch.where(flags.view(-1, 1, 1), self.proj_vision_speech(feats), self.proj(feats))
 
 
-class ModalityLoRAModel(MultimodalLoRAModel):
-    """Multimodal model whose adapter is chosen by each sample's modality."""
+class ModalityLoRAModel(MoELoRAModel):
+    """Multimodal model whose adapter is chosen by each sample's modality (it always owns encoders)."""
 
     def __init__(self, base_model, method_config, base_model_id=None, encoder_config=None):
-        super().__init__(base_model, method_config, base_model_id, encoder_config=encoder_config)
-        if method_config.vision_speech_projector:
-            old = self.encoders.audio
-            emb = base_model.get_input_embeddings()
-            new = VisionSpeechAudioEncoder(self.encoder_config, emb.embedding_dim,
-                                           float(emb.weight.detach().float().std()))
+        super().__init__(base_model, method_config, base_model_id)
+        self.attach_encoders(encoder_config or EncoderConfig())
+
+    def attach_encoders(self, config, pretrained_trained=None):
+        encoders = super().attach_encoders(config, pretrained_trained)
+        if self.method_config.vision_speech_projector and config.audio_model is None:
+            old = encoders.audio
+            emb = self.base_model.get_input_embeddings()
+            new = VisionSpeechAudioEncoder(config, emb.embedding_dim, float(emb.weight.detach().float().std()))
             new.load_state_dict(old.state_dict(), strict=False)  # the same conv and speech projector
             ref = next(old.parameters())
-            self.encoders.audio = new.to(device=ref.device, dtype=ref.dtype)
-
-    def embed(self, input_ids, media_mask, images=None, audio=None):
-        encoder = self.encoders.audio
-        if not isinstance(encoder, VisionSpeechAudioEncoder) or audio is None:
-            return super().embed(input_ids, media_mask, images, audio)
-        # Audio items come in row order: each row's count of audio positions / tokens per clip; no host read.
-        mask = media_mask.to(audio.device)
-        per_row = (mask == 2).sum(1) // self.media_tokens["audio"]
-        encoder.with_image = torch.repeat_interleave((mask == 1).any(1), per_row, output_size=audio.shape[0])
-        try:
-            return super().embed(input_ids, media_mask, images, audio)
-        finally:
-            encoder.with_image = None
+            encoders.audio = new.to(device=ref.device, dtype=ref.dtype)
+        return encoders
 
     @staticmethod
     def modes(media_mask: torch.Tensor) -> torch.Tensor:
@@ -168,23 +159,14 @@ class ModalityLoRAModel(MultimodalLoRAModel):
         speech = torch.where(has_audio, MODALITIES.index("speech"), none)
         return torch.where(has_image, MODALITIES.index("vision"), speech)  # where, not masked writes: no host sync
 
-    def _labels(self, media_mask, sample_labels):
-        if sample_labels is not None or media_mask is None or not self.media_enabled:
+    def media_sample_labels(self, media_mask, sample_labels):
+        """The routing labels: each sample's modality (called by the encoders' input hook, forward and generate)."""
+        if sample_labels is not None or media_mask is None:
             return sample_labels
         modes = self.modes(media_mask)
         # None: no sample takes an adapter, so layers skip the op. While training, an all-text micro-batch
         # still runs it (adding exact zeros) so that its loss has a graph to backpropagate through.
         return modes if self.training or bool((modes >= 0).any()) else None
-
-    def forward(self, input_ids=None, attention_mask=None, media_mask=None, images=None, audio=None,
-                sample_labels=None, **kwargs):
-        return super().forward(input_ids, attention_mask, media_mask, images, audio,
-                               self._labels(media_mask, sample_labels), **kwargs)
-
-    def generate(self, input_ids=None, attention_mask=None, media_mask=None, images=None, audio=None,
-                 sample_labels=None, **kwargs):
-        return super().generate(input_ids, attention_mask, media_mask, images, audio,
-                                self._labels(media_mask, sample_labels), **kwargs)
 
     # --- files: one PEFT LoRA folder per modality + the encoders ---------------------------------------
     def _peft_config(self, modality: str) -> dict:

@@ -1,6 +1,6 @@
 """Small image and audio encoders with projectors into the LM's embedding space (DESIGN §4.5).
 
-Both are trained from scratch with the adapters (the LM stays frozen), so they are small and fast on a CPU:
+Ours are trained from scratch (the LM stays frozen), so they are small and fast on a CPU:
 
     image [3, H, W]   -> conv 3x3, conv 3x3 stride 2, conv 3x3 -> avg-pool to grid x grid -> grid² tokens
     log-mel [M, F]    -> 3 x conv1d (k 5, stride 2)            -> avg-pool to audio_tokens    -> audio_tokens tokens
@@ -9,6 +9,11 @@ Both are trained from scratch with the adapters (the LM stays frozen), so they a
 The projector's last layer starts at the scale of the LM's token embeddings, so projected features look
 like embeddings to the frozen LM from the first step. Every token of an encoded item replaces one
 placeholder token of the sequence (see `moelora.data.media`).
+
+Instead of our conv feature extractor, a local Hugging Face vision or audio model can sit behind the projector
+(`image_model` / `audio_model`: `moelora.multimodal.pretrained`). Each encoder has two parts that train,
+freeze and take learning rates separately (`part_of`): the feature extractor ("encoders": `conv` or a pretrained
+`backbone`) and its projector(s) ("projectors": every child named `proj*`).
 """
 
 from __future__ import annotations
@@ -33,11 +38,23 @@ class EncoderConfig(StrictConfig):
     n_mels: int = 40  # mel bands of the audio features (moelora.data.audio.N_MELS)
     audio_tokens: int = 8  # tokens per clip: ~0.23 s each for the suite's 1.86 s windows (Phi-4: 80 ms)
     audio_width: int = 64  # conv channels of the audio encoder
+    # A local HF vision model folder (CLIP/SigLIP, or its vision tower) as the image feature extractor instead of
+    # our conv; None: ours (no download, trains from scratch). image_width is then the model's hidden size.
+    image_model: str | None = None
+    # A local HF Whisper-style audio encoder folder (WhisperModel or its encoder) instead of our conv; None: ours.
+    audio_model: str | None = None
 
     def validate(self):
         for name in ("image_channels", "image_grid", "image_width", "n_mels", "audio_tokens", "audio_width"):
             if getattr(self, name) < 1:
                 raise self.error(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("image_model", "audio_model"):
+            if getattr(self, name) is not None and not str(getattr(self, name)).strip():
+                raise self.error(name, "must name a local Hugging Face model folder (or be null for our conv encoder)")
+
+    def pretrained(self) -> dict[str, str]:
+        """{"image"/"audio": folder} of the encoders that are pretrained HF models."""
+        return {kind: path for kind, path in (("image", self.image_model), ("audio", self.audio_model)) if path}
 
     @property
     def media_tokens(self) -> dict[str, int]:
@@ -93,16 +110,27 @@ class AudioEncoder(nn.Module):
         return self.proj(self.conv(mels).transpose(1, 2))
 
 
-class MultimodalEncoders(nn.Module):
-    """The image and audio paths of a multimodal model (saved beside its adapters)."""
+PARTS = ("encoders", "projectors")  # what freeze_* and *_learning_rate name (besides the adapters)
 
-    def __init__(self, cfg: EncoderConfig, hidden: int, embed_std: float):
-        super().__init__()
-        self.image = ImageEncoder(cfg, hidden, embed_std)
-        self.audio = AudioEncoder(cfg, hidden, embed_std)
 
-    def blank_input(self, kind: str, device=None, dtype=None) -> torch.Tensor:
-        """One all-zero item of the smallest size each encoder takes (8x8 pixels, 16 frames)."""
-        cfg = self.image.cfg
-        shape = (1, cfg.image_channels, 8, 8) if kind == "image" else (1, cfg.n_mels, 16)
-        return torch.zeros(shape, device=device, dtype=dtype)
+def part_of(name: str) -> str:
+    """"encoders" or "projectors" for a parameter name inside an encoder ("conv.0.weight", "proj.2.bias",
+    "backbone.…", "proj_vision_speech.0.weight"): the projectors are the children named proj*."""
+    return "projectors" if name.split(".", 1)[0].startswith("proj") else "encoders"
+
+
+def build_encoder(kind: str, cfg: EncoderConfig, hidden: int, embed_std: float) -> nn.Module:
+    """The image or audio encoder `cfg` asks for: ours, or a pretrained HF model behind our projector."""
+    if cfg.pretrained().get(kind):
+        from .pretrained import PretrainedAudioEncoder, PretrainedImageEncoder
+
+        return (PretrainedImageEncoder if kind == "image" else PretrainedAudioEncoder)(cfg, hidden, embed_std)
+    return (ImageEncoder if kind == "image" else AudioEncoder)(cfg, hidden, embed_std)
+
+
+def __getattr__(name):  # the old import path of the encoders module (now `model.MediaEncoders`)
+    if name == "MultimodalEncoders":
+        from .model import MediaEncoders
+
+        return MediaEncoders
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,79 +1,126 @@
-"""`MultimodalLoRAModel`: any method's adapters plus image/audio encoders feeding a frozen LM.
+"""Image/audio encoders as a component that any method's model owns (DESIGN §4.5).
 
-    model = get_moelora_model(base, MixLoRAConfig(), encoders=EncoderConfig())
+    model = get_moelora_model(base, MixLoRAConfig(), encoders=EncoderConfig())   # or model.attach_encoders(cfg)
     out = model(input_ids, attention_mask, media_mask=..., images=..., audio=..., labels=...)
 
-The batch comes from `moelora.data.media.MultimodalCollator`: `media_mask` [B, T] marks placeholder
-positions (1 image, 2 audio); `images` [n, 3, H, W] and `audio` [n, n_mels, frames] hold the items in
-row order. The encoders' tokens overwrite the placeholders' embeddings and the LM runs on `inputs_embeds`.
-Encoders and projectors are trained with the adapters; the LM stays frozen. They are saved with the
-adapter (keys `encoders.*`, config under "encoders" in moelora_config.json) and rebuilt on load.
+`attach_encoders` puts a `MediaEncoders` module at `model.encoders` and one forward pre-hook on the model: before
+the method's own forward runs (whatever it is: two passes for X-LoRA, a gate loss for MeteoRA), the hook turns
+(input_ids, media_mask, images, audio) into `inputs_embeds` (token embeddings with every placeholder run
+replaced by its item's projected features). `MoELoRAModel.generate` does the same before generating. A method
+whose routing reads the modality defines `media_sample_labels(media_mask, sample_labels)` on its model and the
+hook calls it (modality routing, `methods/modality.py`).
 
-`disable_adapter()` turns the encoders off too: inside it the model is exactly the base LM reading the
-token ids (placeholders included), which is what "the base model" means in before/after tables.
+The batch comes from `moelora.data.media.MultimodalCollator`: `media_mask` [B, T] marks placeholder positions
+(1 image, 2 audio); `images` [n, 3, H, W] and `audio` [n, n_mels, frames] hold the items in row order.
+Encoders and projectors train with the adapters (freezing and learning rates per part: train.py); the LM stays
+frozen. They are saved with the adapter (keys `encoders.*`, config under "encoders" in moelora_config.json) and
+rebuilt on load; a pretrained HF encoder is saved as its folder path, plus its weights when it was trained.
+
+`disable_adapter()` turns the encoders off too: inside it the model is exactly the base LM reading the token
+ids (placeholders included), which is what "the base model" means in before/after tables.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
+from torch import nn
 
-from ..errors import DataError, MoeloraError
-from ..model import MoELoRAModel
-from .encoders import EncoderConfig, MultimodalEncoders
+from ..errors import CheckpointError, DataError, short_repr
+from .encoders import PARTS, EncoderConfig, build_encoder, part_of
 
 _IMAGE, _AUDIO = 1, 2  # media_mask values (moelora.data.media)
+MEDIA_KEYS = ("media_mask", "images", "audio")  # the forward/generate inputs the encoders consume
 
 
-class MultimodalLoRAModel(MoELoRAModel):
-    def __init__(self, base_model, method_config, base_model_id=None, encoder_config: EncoderConfig | None = None):
-        super().__init__(base_model, method_config, base_model_id)
-        self.encoder_config = encoder_config or EncoderConfig()
-        emb = base_model.get_input_embeddings()
-        self.encoders = MultimodalEncoders(self.encoder_config, emb.embedding_dim, float(emb.weight.detach().float().std()))
-        self.place_adapter(self.encoders, like=emb.weight)  # trainable: fp32 under a 16-bit LM, as the adapters
-        self.media_enabled = True
-        # Sharded data parallel (ZeRO-3) gathers a module's weights on every process that runs it, in step:
-        # then every encoder must run in every training step on every process, on a tiny blank input when
-        # the batch lacks its modality (contributing exactly zero). train.py sets this with >1 process.
-        self.run_every_encoder = False
+class MediaEncoders(nn.Module):
+    """The image and audio paths of a multimodal model: `image` and `audio` encoders, each a feature extractor
+    (part "encoders") plus projector(s) (part "projectors")."""
+
+    def __init__(self, cfg: EncoderConfig, hidden: int, embed_std: float, pretrained_trained: dict | None = None):
+        super().__init__()
+        self.config = cfg
+        self.image = build_encoder("image", cfg, hidden, embed_std)
+        self.audio = build_encoder("audio", cfg, hidden, embed_std)
+        self.enabled = True  # off inside disable_adapter(): the base LM reads the placeholder ids
+        # Whether each pretrained backbone trains (then the checkpoint holds its weights) or stays as its
+        # folder has it (then only the path is saved). Frozen unless told: keep what it learned.
+        self.pretrained_trained = {kind: bool((pretrained_trained or {}).get(kind, False)) for kind in cfg.pretrained()}
+        for kind, trained in self.pretrained_trained.items():
+            getattr(self, kind).backbone.requires_grad_(trained)
 
     @property
     def media_tokens(self) -> dict[str, int]:
         """Placeholder tokens per image / audio clip (what the data side must put in the text)."""
-        return self.encoder_config.media_tokens
+        return self.config.media_tokens
 
-    # --- inputs ---------------------------------------------------------------------------------
-    def embed(self, input_ids, media_mask, images=None, audio=None) -> torch.Tensor:
-        """Token embeddings with every placeholder run replaced by its item's encoded tokens."""
-        emb = self.base_model.get_input_embeddings()(input_ids)
+    # --- parts: what freezing switches and per-part learning rates name --------------------------------
+    def named_part_parameters(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """{"encoders": [(name, p)...], "projectors": [...]}, names relative to this module."""
+        parts = {part: [] for part in PARTS}
+        for kind in ("image", "audio"):
+            for name, p in getattr(self, kind).named_parameters():
+                parts[part_of(name)].append((f"{kind}.{name}", p))
+        return parts
+
+    def set_trainable(self, encoders: bool | None, projectors: bool) -> None:
+        """Freeze or train each part. `encoders=None`: pretrained backbones frozen, ours trained (they start random)."""
+        for kind in ("image", "audio"):
+            pretrained = kind in self.pretrained_trained
+            train = (not pretrained) if encoders is None else encoders
+            if pretrained:
+                self.pretrained_trained[kind] = train
+            for name, p in getattr(self, kind).named_parameters():
+                p.requires_grad_(projectors if part_of(name) == "projectors" else train)
+
+    # --- what a checkpoint holds -----------------------------------------------------------------------
+    def saved_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor but those of pretrained backbones that did not train (their folder has them)."""
+        skip = tuple(f"{kind}.backbone." for kind, trained in self.pretrained_trained.items() if not trained)
+        return {k: v for k, v in self.state_dict().items() if not (skip and k.startswith(skip))}
+
+    def saved_config(self) -> dict:
+        """moelora_config.json's entries: the encoder config, and for pretrained backbones their folder and
+        whether the checkpoint holds their trained weights."""
+        out = {"encoders": self.config.to_dict()}
+        if self.pretrained_trained:
+            out["pretrained_encoders"] = {kind: {"model": self.config.pretrained()[kind], "trained": trained}
+                                          for kind, trained in self.pretrained_trained.items()}
+        return out
+
+    # --- inputs ------------------------------------------------------------------------------------------
+    def blank_input(self, kind: str, device=None, dtype=None) -> torch.Tensor:
+        """One all-zero item of the smallest size each encoder takes (8x8 pixels, 16 frames)."""
+        shape = (1, self.config.image_channels, 8, 8) if kind == "image" else (1, self.config.n_mels, 16)
+        return torch.zeros(shape, device=device, dtype=dtype)
+
+    def forward(self, emb: torch.Tensor, media_mask: torch.Tensor, images=None, audio=None,
+                run_every_encoder: bool = False) -> torch.Tensor:
+        """`emb` (token embeddings [B, T, d]) with every placeholder run replaced by its item's encoded tokens."""
         media_mask = media_mask.to(emb.device)
-        for kind, items, encoder, what in ((_IMAGE, images, self.encoders.image, "image"),
-                                           (_AUDIO, audio, self.encoders.audio, "audio")):
+        if audio is not None and hasattr(self.audio, "with_image"):  # an audio encoder that projects image+audio
+            # samples' audio apart (Phi-4's vision-speech projector): which clips share their row with an image.
+            # Items come in row order: each row's audio positions / tokens per clip; no host read.
+            per_row = (media_mask == _AUDIO).sum(1) // self.media_tokens["audio"]
+            self.audio.with_image = torch.repeat_interleave((media_mask == _IMAGE).any(1), per_row,
+                                                            output_size=audio.shape[0])
+        try:
+            return self._replace_placeholders(emb, media_mask, images, audio, run_every_encoder)
+        finally:
+            if hasattr(self.audio, "with_image"):
+                self.audio.with_image = None
+
+    def _replace_placeholders(self, emb, media_mask, images, audio, run_every_encoder: bool) -> torch.Tensor:
+        for kind, items, encoder in ((_IMAGE, images, self.image), (_AUDIO, audio, self.audio)):
             where = media_mask == kind
             n_items = 0 if items is None else items.shape[0]
             dtype = next(encoder.parameters()).dtype
             if n_items:
                 feats = encoder(items.to(device=emb.device, dtype=dtype))
                 emb = emb.masked_scatter(where.unsqueeze(-1).expand_as(emb), feats.to(emb.dtype))
-            elif self.run_every_encoder and self.training:
-                blank = self.encoders.blank_input(what, device=emb.device, dtype=dtype)
+            elif run_every_encoder:
+                blank = self.blank_input("image" if kind == _IMAGE else "audio", device=emb.device, dtype=dtype)
                 emb = emb + 0.0 * encoder(blank).sum().to(emb.dtype)  # in the graph, changes nothing
         return emb
-
-    def _media_inputs(self, input_ids, media_mask, images, audio) -> dict:
-        """{"inputs_embeds": ...} when the batch holds media and the encoders are on, else {}."""
-        if not self.media_enabled or input_ids is None:
-            return {}
-        n_items = {what: 0 if items is None else items.shape[0] for what, items in (("image", images), ("audio", audio))}
-        if not torch.compiler.is_compiling():  # a host read; compiled training checks batches on the host (train.py)
-            self.check_media(media_mask, n_items)
-        if self.run_every_encoder and self.training:  # even a text-only batch runs both encoders
-            media_mask = torch.zeros_like(input_ids) if media_mask is None else media_mask
-        elif media_mask is None or not any(n_items.values()):  # decided from shapes: no host read of the mask
-            return {}
-        return {"inputs_embeds": self.embed(input_ids, media_mask, images, audio)}
 
     def check_media(self, media_mask, n_items: dict[str, int]) -> None:
         """Every placeholder run has its item and every item its run: else encoded tokens would land on
@@ -88,46 +135,91 @@ class MultimodalLoRAModel(MoELoRAModel):
                 raise DataError(f"media_mask has {have} {what} positions but {n_items[what]} {what} item(s) x "
                                 f"{per_item} tokens were given")
 
-    def forward(self, input_ids=None, attention_mask=None, media_mask=None, images=None, audio=None,
-                sample_labels=None, **kwargs):
-        media = self._media_inputs(input_ids, media_mask, images, audio)
-        if media:
-            return super().forward(attention_mask=attention_mask, sample_labels=sample_labels, **media, **kwargs)
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, sample_labels=sample_labels, **kwargs)
+    def embed(self, model, input_ids, media_mask, images=None, audio=None) -> torch.Tensor:
+        """Token embeddings of `model`'s LM with every placeholder run replaced by its item's encoded tokens."""
+        return self(model.base_model.get_input_embeddings()(input_ids), media_mask, images, audio)
 
-    def generate(self, input_ids=None, attention_mask=None, media_mask=None, images=None, audio=None,
-                 sample_labels=None, **kwargs):
-        # With both ids and embeddings, HF generation prefills from the embeddings and still returns the
-        # prompt ids followed by the new tokens, exactly as for text.
-        media = self._media_inputs(input_ids, media_mask, images, audio)
-        return super().generate(input_ids=input_ids, attention_mask=attention_mask, sample_labels=sample_labels,
-                                **media, **kwargs)
+    def inputs_embeds(self, model, input_ids, media_mask, images, audio) -> torch.Tensor | None:
+        """The LM's `inputs_embeds` for a batch, or None when it holds no media or the encoders are off."""
+        if not self.enabled or input_ids is None:
+            return None
+        n_items = {what: 0 if items is None else items.shape[0] for what, items in (("image", images), ("audio", audio))}
+        every = bool(getattr(model, "run_every_encoder", False)) and model.training
+        if not torch.compiler.is_compiling():  # host reads; compiled training checks batches on the host (train.py)
+            self.check_media(media_mask, n_items)
+            model._check_token_ids(input_ids)  # before the embedding lookup, which would fail opaquely
+        if every:  # even a text-only batch runs both encoders
+            media_mask = torch.zeros_like(input_ids) if media_mask is None else media_mask
+        elif media_mask is None or not any(n_items.values()):  # decided from shapes: no host read of the mask
+            return None
+        emb = model.base_model.get_input_embeddings()(input_ids)
+        return self(emb, media_mask, images, audio, run_every_encoder=every)
 
-    @contextlib.contextmanager
-    def disable_adapter(self):
-        """The plain base LM: adapters off and encoders off (placeholders stay token ids)."""
-        with super().disable_adapter():
-            self.media_enabled = False
-            try:
-                yield self
-            finally:
-                self.media_enabled = True
 
-    # --- state: adapters + encoders -------------------------------------------------------------------
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        out = super().adapter_state_dict()
-        out.update({f"encoders.{k}": v for k, v in self.encoders.state_dict().items()})
-        return out
+def _routing_labels(model, media_mask, sample_labels):
+    route = getattr(type(model), "media_sample_labels", None)  # a method that routes by modality
+    if route is None or not model.encoders.enabled:
+        return sample_labels
+    return route(model, media_mask, sample_labels)
 
-    def saved_config(self) -> dict:
-        return {**super().saved_config(), "encoders": self.encoder_config.to_dict()}
+
+def _media_pre_hook(model, args, kwargs):
+    """Forward pre-hook: (input_ids, media_mask, images, audio) -> inputs_embeds, before any method's forward."""
+    media = {key: kwargs.pop(key, None) for key in MEDIA_KEYS}
+    if "encoders" not in model._modules:
+        return args, kwargs
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    labels = _routing_labels(model, media["media_mask"], kwargs.get("sample_labels"))
+    if labels is not None or "sample_labels" in kwargs:
+        kwargs["sample_labels"] = labels
+    embeds = model.encoders.inputs_embeds(model, input_ids, media["media_mask"], media["images"], media["audio"])
+    if embeds is not None:
+        args = args[1:]
+        kwargs.pop("input_ids", None)
+        kwargs["inputs_embeds"] = embeds
+    return args, kwargs
+
+
+def generation_inputs(model, args: tuple, kwargs: dict, sample_labels):
+    """(args, kwargs, sample_labels) for generate(): media consumed, `inputs_embeds` added beside the ids.
+    With both, HF generation prefills from the embeddings and still returns the prompt ids followed by the
+    new tokens, exactly as for text."""
+    media = {key: kwargs.pop(key, None) for key in MEDIA_KEYS}
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    sample_labels = _routing_labels(model, media["media_mask"], sample_labels)
+    embeds = model.encoders.inputs_embeds(model, input_ids, media["media_mask"], media["images"], media["audio"])
+    if embeds is not None:
+        kwargs["inputs_embeds"] = embeds
+    return args, kwargs, sample_labels
+
+
+def attach_encoders(model, cfg: EncoderConfig, pretrained_trained: dict | None = None) -> MediaEncoders:
+    """Give `model` (any method's `MoELoRAModel`) image/audio encoders; replaces encoders it had."""
+    emb = model.base_model.get_input_embeddings()
+    encoders = MediaEncoders(cfg, emb.embedding_dim, float(emb.weight.detach().float().std()), pretrained_trained)
+    model.encoders = model.place_adapter(encoders, like=emb.weight)  # trainable: fp32 under a 16-bit LM, as adapters
+    if "_media_hook" not in model.__dict__:
+        model._media_hook = model.register_forward_pre_hook(_media_pre_hook, with_kwargs=True)
+    # Sharded data parallel (ZeRO-3) gathers a module's weights on every process that runs it, in step: then
+    # every encoder must run in every training step on every process, on a tiny blank input when the batch
+    # lacks its modality (contributing exactly zero). train.py sets this with >1 process.
+    model.__dict__.setdefault("run_every_encoder", False)
+    return encoders
+
+
+def saved_encoder_config(meta: dict) -> tuple[EncoderConfig, dict[str, bool]]:
+    """(encoder config, {kind: trained}) of a moelora_config.json's "encoders" and "pretrained_encoders"."""
+    cfg = EncoderConfig.from_dict(meta["encoders"], prefix="encoders")
+    pretrained = meta.get("pretrained_encoders") or {}
+    if not isinstance(pretrained, dict) or not all(isinstance(v, dict) for v in pretrained.values()):
+        raise CheckpointError(f"adapter config: 'pretrained_encoders' must map image/audio to {{model, trained}}, "
+                              f"got {short_repr(pretrained)}")
+    return cfg, {kind: bool(v.get("trained")) for kind, v in pretrained.items()}
 
 
 def multimodal_model_class(model_cls: type) -> type:
-    """The multimodal variant of a method's model class (itself when it is multimodal already)."""
-    if issubclass(model_cls, MultimodalLoRAModel):
-        return model_cls
-    if model_cls is MoELoRAModel:
-        return MultimodalLoRAModel
-    raise MoeloraError(f"{model_cls.__name__} has its own forward pass and no multimodal variant; "
-                       "train it on text (data.suite: text)")
+    """Every method's model class can own encoders now (`attach_encoders`): the class itself."""
+    return model_cls
+
+
+MultimodalEncoders = MediaEncoders  # the name before encoders became a component

@@ -68,6 +68,17 @@ class RunConfig(StrictConfig):
     seed: int = 42  # data generation, shuffling and adapter init
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # base weights; fp32 on CPU (bf16 is ~45x slower there)
     learning_rate: float = 2e-4  # AdamW on adapter + router parameters
+    # Multimodal parts (data.suite: multimodal). "encoders": the feature extractors (our conv, or a pretrained HF
+    # model), "projectors": the Linear-GELU-Linear maps into the LM's embeddings, "adapters": everything else.
+    encoder_learning_rate: float | None = None  # None: learning_rate (pretrained encoders usually want less)
+    projector_learning_rate: float | None = None  # None: learning_rate (LLaVA's stage 1 trains its projector at 1e-3)
+    freeze_encoders: bool | None = None  # None: pretrained HF encoders frozen (keep what they learned), ours trained (they start random)
+    freeze_projectors: bool = False  # projectors start random (or from init_encoders_from) and map features to the LM: train them
+    freeze_adapters: bool = False  # the adapters are what a run is for; true: train only encoders/projectors with them applied
+    # "align": encoders + projectors train with the adapters off in the forward pass (LLaVA stage 1), the LM sees
+    # only the projected features; "joint": everything in the forward, what is not frozen trains
+    stage: Literal["joint", "align"] = "joint"
+    init_encoders_from: str | None = None  # an earlier run's folder (e.g. the align run's): its encoders + projectors start this run
     weight_decay: float = 0.0  # LoRA convention: no decay on low-rank factors
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"  # SMoRA's recipe
     warmup_ratio: float = 0.1  # SMoRA's recipe: 10% linear warm-up
@@ -105,12 +116,12 @@ class RunConfig(StrictConfig):
 
     def validate(self):
         self.method_config = config_from_dict(self.method, prefix="method")
-        from ..multimodal.model import MultimodalLoRAModel
-
         model_cls = get_method(self.method_config.method_name).model_cls
-        if model_cls is not None and issubclass(model_cls, MultimodalLoRAModel) and self.data.suite != "multimodal":
+        # a model that routes by the media mask (modality routing) is multimodal by nature
+        if hasattr(model_cls, "media_sample_labels") and self.data.suite != "multimodal":
             raise ConfigError("data.suite", f"method '{self.method_config.method_name}' routes by images/audio: "
                               "set data.suite: multimodal")
+        self.check_parts()
         if self.save_format == "peft" and get_method(self.method_config.method_name).peft_exporter is None:
             raise ConfigError("save_format", f"'peft' writes PEFT folders; method "
                               f"'{self.method_config.method_name}' has no PEFT equivalent (use moelora)")
@@ -170,6 +181,27 @@ class RunConfig(StrictConfig):
                                  f"got {getattr(self, name)}")
         if self.nan_max_consecutive_skips < 1:
             raise self.error("nan_max_consecutive_skips", f"must be >= 1, got {self.nan_max_consecutive_skips}")
+
+    def check_parts(self) -> None:
+        """Stage, freezing, per-part learning rates and init_encoders_from need encoders; something must train."""
+        multimodal = self.data.suite == "multimodal"
+        for name, value, unset in (("stage", self.stage, "joint"), ("init_encoders_from", self.init_encoders_from, None),
+                                   ("encoder_learning_rate", self.encoder_learning_rate, None),
+                                   ("projector_learning_rate", self.projector_learning_rate, None)):
+            if value != unset and not multimodal:
+                raise self.error(name, f"applies to the image/audio encoders, which only data.suite: multimodal has")
+        for name in ("encoder_learning_rate", "projector_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value <= 0 or value * 10 >= FLOAT32_MAX):
+                raise self.error(name, f"must be > 0 and finite (or null: learning_rate), got {value}")
+        if self.stage == "align" and self.freeze_encoders and self.freeze_projectors:
+            raise self.error("stage", "align trains encoders and projectors, but freeze_encoders and "
+                             "freeze_projectors are both true: nothing would train")
+        if self.freeze_adapters and (not multimodal or (self.freeze_encoders and self.freeze_projectors)):
+            raise self.error("freeze_adapters", "with the adapters frozen nothing is left to train (no encoders, or "
+                             "freeze_encoders and freeze_projectors are true)")
+        if self.init_encoders_from is not None and not str(self.init_encoders_from).strip():
+            raise self.error("init_encoders_from", "must name a run folder (or its adapter folder), or be null")
 
     def check_deepspeed_file(self) -> None:
         path = Path(self.deepspeed)

@@ -1,0 +1,53 @@
+"""Which parts of a model train, and at which learning rate: train.py's `stage`, `freeze_*` and `*_learning_rate`.
+
+A model's trainable tensors fall in three parts: "adapters" (adapter layers, routers, classifiers: everything
+the method trains), and, when it owns encoders, "encoders" (the feature extractors) and "projectors" (their maps
+into the LM's embeddings). Each part can be frozen and gets its own optimizer parameter group, so the scheduler
+scales every group's learning rate alike. `stage: align` turns the adapters off in the forward pass (not only
+frozen: the LM runs as the base model on the projected features), as LLaVA's first stage.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+
+
+def configure_parts(model, cfg) -> None:
+    """Apply `cfg.stage` and the freezing switches to `model` (before its optimizer is built)."""
+    align = cfg.stage == "align"
+    if cfg.freeze_adapters or align:  # only what the method made trainable: frozen experts stay frozen anyway
+        for name, p in model.named_parameters():
+            if not name.startswith("encoders."):
+                p.requires_grad_(False)
+    if align:
+        for layer in model.adapter_layers().values():
+            layer.adapter_enabled = False
+    encoders = model._modules.get("encoders")
+    if encoders is not None:
+        encoders.set_trainable(None if cfg.freeze_encoders is None else not cfg.freeze_encoders,
+                               not cfg.freeze_projectors)
+    if not model.trainable_parameters():
+        raise ConfigError("freeze_adapters" if cfg.freeze_adapters else "freeze_encoders",
+                          "nothing is left to train with these freezing switches and stage "
+                          f"{cfg.stage!r} (is every part frozen?)")
+
+
+def part_parameters(model) -> dict[str, list]:
+    """{"adapters": [...], "encoders": [...], "projectors": [...]}: the model's trainable parameters by part."""
+    parts = {"adapters": [], "encoders": [], "projectors": []}
+    owner = {}
+    encoders = model._modules.get("encoders")
+    if encoders is not None:
+        owner = {id(p): part for part, named in encoders.named_part_parameters().items() for _, p in named}
+    for p in model.trainable_parameters():
+        parts[owner.get(id(p), "adapters")].append(p)
+    return parts
+
+
+def parameter_groups(model, cfg) -> list[dict]:
+    """AdamW parameter groups, one per part that trains, each with its learning rate (None: learning_rate)."""
+    rates = {"adapters": cfg.learning_rate,
+             "encoders": cfg.encoder_learning_rate if cfg.encoder_learning_rate is not None else cfg.learning_rate,
+             "projectors": cfg.projector_learning_rate if cfg.projector_learning_rate is not None else cfg.learning_rate}
+    return [{"params": params, "lr": rates[part], "name": part} for part, params in part_parameters(model).items()
+            if params]
