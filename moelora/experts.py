@@ -161,7 +161,7 @@ class ExpertsConfig(MethodConfig):
 class ExpertBankLayer(AdapterLayer):
     """An adapted linear holding every expert's LoRA in one padded bank (see the module docstring)."""
 
-    def __init__(self, base_layer, config: ExpertsConfig, context, site):
+    def __init__(self, base_layer, config: ExpertsConfig, context, site=None):
         super().__init__(base_layer, config, context, site)
         specs = config.expert_specs()
         w = base_layer.weight

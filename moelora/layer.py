@@ -145,10 +145,12 @@ class AdapterLayer(nn.Module):
     method: str = ""
     mergeable = False  # only methods whose update is input-independent may fold into W0
 
-    def __init__(self, base_layer: nn.Module, config, context: RoutingContext, site: LayerSite):
+    def __init__(self, base_layer: nn.Module, config, context: RoutingContext, site: LayerSite | None = None):
         super().__init__()
         self.base_layer = base_layer
-        self.site = site  # where it sits (name, index, block): a method may size its bank or router by it
+        # Where it sits (name, index, block; the model passes it): a method may size its bank or router by it.
+        # None: a layer built on its own, e.g. in a unit test.
+        self.site = site = site or LayerSite.alone()
         self.layer_name = site.name
         self.in_features, self.out_features = linear_dims(base_layer)
         self.config = config

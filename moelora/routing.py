@@ -80,15 +80,32 @@ def mean_entropy(logits: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return masked_mean(-(logp.exp() * logp).sum(-1), w)
 
 
-def supervised_gate_loss(logits: torch.Tensor, labels: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def sample_mean(values: torch.Tensor, w: torch.Tensor, n_samples: int) -> torch.Tensor:
+    """The mean over the B samples of each sample's mean over its weighted tokens (values, w [N = B * T]):
+
+        (1 / B) * sum_b  sum_t w_bt v_bt / max(sum_t w_bt, 1)        (a sample without tokens counts 0)
+
+    Unlike one mean over the batch's tokens, it is the same number whether an optimizer step's samples come in
+    one micro-batch or in equal-sized micro-batches on several processes (data parallel, gradient accumulation),
+    because the trainers average micro-batch losses: a mean of equal-sized means is the mean."""
+    w = w.to(torch.float32).view(n_samples, -1)
+    per_sample = (values.float().view(n_samples, -1) * w).sum(1) / w.sum(1).clamp_min(1.0)
+    return per_sample.mean()
+
+
+def supervised_gate_loss(logits: torch.Tensor, labels: torch.Tensor, w: torch.Tensor,
+                         n_samples: int | None = None) -> torch.Tensor:
     """Cross-entropy of the gate against a target expert per token, over the real tokens:
 
         L_gate = mean_n  -log softmax(z_n)[y_n]        (y_n = the sample's task id, repeated for its tokens)
 
-    logits [N, E], labels [N] int (-100 = ignore: the token counts as padding)."""
+    logits [N, E], labels [N] int (-100 = ignore: the token counts as padding). With `n_samples` the mean is
+    per sample first, then over the samples (`sample_mean`), so it does not depend on how a step is split."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     keep = labels >= 0
     nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    if n_samples is not None:
+        return sample_mean(nll, w * keep.to(w.dtype), n_samples)
     return masked_mean(nll, w * keep.to(w.dtype))
 
 

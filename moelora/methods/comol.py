@@ -62,7 +62,7 @@ class CoMoLConfig(MethodConfig):
 
 
 class CoMoLLayer(AdapterLayer):
-    def __init__(self, base_layer, config: CoMoLConfig, context, site):
+    def __init__(self, base_layer, config: CoMoLConfig, context, site=None):
         super().__init__(base_layer, config, context, site)
         w = base_layer.weight
         dtype = getattr(self, "adapter_dtype", w.dtype)

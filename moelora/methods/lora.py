@@ -43,7 +43,7 @@ class LoRAConfig(MethodConfig):
 class LoRALayer(AdapterLayer):
     mergeable = True
 
-    def __init__(self, base_layer, config: LoRAConfig, context, site):
+    def __init__(self, base_layer, config: LoRAConfig, context, site=None):
         super().__init__(base_layer, config, context, site)
         w = base_layer.weight
         self.lora_A = nn.Parameter(torch.empty(config.r, self.in_features, dtype=self.adapter_dtype, device=w.device))

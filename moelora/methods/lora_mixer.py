@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..checkpoint import check_fingerprint, load_tensors, read_json
+from ..adapter_folder import CONFIG_NAME, is_moelora_folder, read_moelora_folder
 from ..errors import CheckpointError, ConfigError, MoeloraError
 from ..experts import ExpertBankLayer, ExpertBankModel, ExpertsConfig
 from ..layer import RouterStats, in_backward
@@ -108,7 +108,7 @@ class LoRAMixerConfig(ExpertsConfig):
 
 
 class LoRAMixerLayer(ExpertBankLayer):
-    def __init__(self, base_layer, config: LoRAMixerConfig, context, site):
+    def __init__(self, base_layer, config: LoRAMixerConfig, context, site=None):
         super().__init__(base_layer, config, context, site)
         w = base_layer.weight
         # Small random router: routing starts near uniform (loaded experts start near their average), and
@@ -239,18 +239,18 @@ class LoRAMixerModel(ExpertBankModel):
         return super().forward(*args, sample_labels=sample_labels, **kwargs)
 
     def _load_init_from(self, folder: Path) -> None:
-        meta = read_json(folder / "moelora_config.json", "init_from adapter config")
-        if meta.get("method") != "lora_mixer":
-            raise ConfigError("method.init_from", f"{folder} holds a '{meta.get('method')}' adapter, not lora_mixer")
-        theirs = {n: (v or {}).get("r") for n, v in (meta.get("config", {}).get("experts") or {}).items()}
+        if not is_moelora_folder(folder):
+            raise ConfigError("method.init_from", f"{folder} holds no moelora adapter ({CONFIG_NAME})")
+        saved = read_moelora_folder(folder, self.base_model, what="init_from adapter")  # checks the base too
+        if saved.method != "lora_mixer":
+            raise ConfigError("method.init_from", f"{folder} holds a '{saved.method}' adapter, not lora_mixer")
+        theirs = {s.name: s.r for s in saved.config.expert_specs()}
         ours = {s.name: s.r for s in self.method_config.expert_specs()}
         if theirs != ours:
             raise CheckpointError(f"init_from {folder} does not fit this config: its experts (name: rank) are "
                                   f"{theirs}, method.experts gives {ours}")
-        manifest = folder / "manifest.json"
-        if manifest.is_file() and "base_fingerprint" in (m := read_json(manifest, "manifest")):
-            check_fingerprint(m["base_fingerprint"], self.base_model, str(folder))
-        tensors = {k: v for k, v in load_tensors(folder / "adapter_model.safetensors").items() if ".anchor_" not in k}
+        tensors, _ = self.read_adapter_files(folder)
+        tensors = {k: v for k, v in tensors.items() if ".anchor_" not in k}
         own = self.adapter_state_dict()
         if set(own) != set(tensors):
             diff = sorted(set(own) ^ set(tensors))

@@ -11,10 +11,14 @@ seven projections of a Llama block), and each adapted linear has its own gate on
 
 The gates are trained with the LM loss plus a *supervised* gate loss towards each sample's task:
 
-    L = L_LM + lambda * mean over every gate and token t whose next token is real of CE(z_t, task of the sample)
+    L = L_LM + lambda * mean over the samples s of [ mean over every gate and token t of s whose next token is
+                                                      real of CE(z_t, task of s) ]
 
 (lambda = `gate_loss_coef`, 50 in the reference; one mean over the concatenated gates equals the mean of
-the per-module means, since every module sees the same tokens). The task ids arrive as `sample_labels`:
+the per-module means, since every module sees the same tokens). The reference takes one mean over a device's
+micro-batch tokens; ours is per sample, then over the samples (a sample without a task expert adds 0), so
+that 2 processes x batch b, 1 process x batch 2b and gradient accumulation train alike: trainers average
+micro-batch losses, and a mean of equal-sized per-sample means is the optimizer step's mean. The task ids arrive as `sample_labels`:
 train.py passes `task_labels(tasks)` (the index of the expert named after each sample's task; samples of
 tasks without an expert of that name get no gate loss). Without labels only the LM loss trains.
 Inference routes per token at every decode step (the reference's "timely switching"); no label is read.
@@ -76,7 +80,7 @@ class MeteoRAConfig(ExpertsConfig):
 
 
 class MeteoRALayer(ExpertBankLayer):
-    def __init__(self, base_layer, config: MeteoRAConfig, context, site):
+    def __init__(self, base_layer, config: MeteoRAConfig, context, site=None):
         super().__init__(base_layer, config, context, site)
         # nn.Linear's default init, as the reference's gate after its last adapter is added.
         self.gate = nn.Parameter(torch.empty(self.n_experts, self.in_features, dtype=self.lora_A.dtype,
@@ -84,7 +88,7 @@ class MeteoRALayer(ExpertBankLayer):
         kaiming_uniform_(self.gate)
         # The gate reads the input before dropout and the experts after: this layer applies the dropout itself.
         self.expert_dropout, self.dropout = self.dropout, nn.Identity()
-        self.n_gates = site.count  # gates in the model: the gate loss is a mean over all of them
+        self.n_gates = self.site.count  # gates in the model: the gate loss is a mean over all of them
         self.router_stats = RouterStats(self, self.n_experts)
         self.register_buffer("stat_gate_loss", torch.zeros(2, device=self.lora_A.device), persistent=False)
 
@@ -112,7 +116,9 @@ class MeteoRALayer(ExpertBankLayer):
         # The reference's shift, CE(z[:, :-1], y[:, 1:]): position t counts when token t+1 is real.
         real = token_weights(self.context.flat_mask(n), n, logits).view(labels.shape[0], -1)
         w = torch.cat([real[:, 1:], real.new_zeros(real.shape[0], 1)], dim=1).reshape(-1)
-        ce = supervised_gate_loss(logits, targets, w)
+        # Per sample, then over the samples: the trainers average micro-batch losses over processes and
+        # accumulation steps, and a mean of equal-sized per-sample means is the step's mean (a token mean is not).
+        ce = supervised_gate_loss(logits, targets, w, n_samples=labels.shape[0])
         # Checkpoint recomputation runs the same ops (saved tensors line up), but the forward already added it.
         if in_backward():
             return

@@ -76,7 +76,7 @@ class MixLoRAConfig(MethodConfig):
 
 
 class MixLoRALayer(AdapterLayer):
-    def __init__(self, base_layer, config: MixLoRAConfig, context, site):
+    def __init__(self, base_layer, config: MixLoRAConfig, context, site=None):
         super().__init__(base_layer, config, context, site)
         w = base_layer.weight
         kw = dict(dtype=self.adapter_dtype, device=w.device)

@@ -72,7 +72,7 @@ class SMoRAConfig(MethodConfig):
 
 
 class SMoRALayer(AdapterLayer):
-    def __init__(self, base_layer, config: SMoRAConfig, context, site):
+    def __init__(self, base_layer, config: SMoRAConfig, context, site=None):
         super().__init__(base_layer, config, context, site)
         w = base_layer.weight
         kw = dict(dtype=self.adapter_dtype, device=w.device)

@@ -125,9 +125,9 @@ class XLoRAClassifier(nn.Module):
 
 
 class XLoRALayer(ExpertBankLayer):
-    def __init__(self, base_layer, config: XLoRAConfig, context, site):
+    def __init__(self, base_layer, config: XLoRAConfig, context, site=None):
         super().__init__(base_layer, config, context, site)
-        self.layer_index = site.index  # this module's column block in the classifier output (PEFT's layer_number)
+        self.layer_index = self.site.index  # this module's column block in the classifier output (PEFT's layer_number)
         # Each expert drops out its own input (PEFT: one lora_dropout per expert LoRA), so this layer applies
         # the dropout itself instead of the shared one before `update`.
         self.expert_p = config.expert_dropouts()

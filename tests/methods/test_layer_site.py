@@ -26,7 +26,7 @@ class PerBlockConfig(MethodConfig):
 class PerBlockLayer(AdapterLayer):
     def __init__(self, base_layer, config, context, site):
         super().__init__(base_layer, config, context, site)
-        r = config.ranks[site.block]  # the bank's size depends on where the layer sits
+        r = config.ranks[self.site.block]  # the bank's size depends on where the layer sits
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r))
         kaiming_uniform_(self.lora_A)

@@ -257,6 +257,27 @@ def test_stage2_starts_from_stage1_with_frozen_experts(batch, tmp_path):
         _mixer(experts=["add", "sort", "count"], r=2, init_from=str(tmp_path / "s1"))
 
 
+def test_init_from_reads_the_folder_as_from_pretrained_does(tmp_path):
+    """One moelora-folder reader: init_from validates the saved config and the base fingerprint as
+    from_pretrained does (a malformed config is one clear CheckpointError, not an AttributeError)."""
+    stage1 = _mixer(experts=["add", "sort"], r=2, stage="joint_stage1")
+    stage1.save_pretrained(tmp_path / "s1")
+    path = tmp_path / "s1" / "moelora_config.json"
+    meta = moelora.checkpoint.read_json(path)
+    moelora.checkpoint.write_json(path, {**meta, "config": "oops"})
+    for load in (lambda: _mixer(experts=["add", "sort"], r=2, init_from=str(tmp_path / "s1")),
+                 lambda: moelora.MoELoRAModel.from_pretrained(resolve_base_model("tiny-random-llama")[0], tmp_path / "s1")):
+        with pytest.raises(moelora.CheckpointError, match="'config' must be a JSON object"):
+            load()
+    moelora.checkpoint.write_json(path, meta)
+    other_base = resolve_base_model("tiny-random-llama")[0]
+    with torch.no_grad():
+        other_base.model.layers[0].self_attn.q_proj.weight.add_(1.0)  # other base weights: another fingerprint
+    with pytest.raises(moelora.CheckpointError, match="base"):
+        moelora.get_moelora_model(other_base, moelora.LoRAMixerConfig(experts=["add", "sort"], r=2,
+                                                                      init_from=str(tmp_path / "s1")))
+
+
 # --- experts from PEFT folders: validation and self-contained checkpoints ------------------------------------
 def test_saved_checkpoint_does_not_need_the_expert_folders(experts, batch, tmp_path):
     import shutil

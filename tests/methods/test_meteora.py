@@ -109,12 +109,32 @@ def test_gate_loss_is_lambda_times_the_mean_ce_over_every_gate(batch):
     for name, layer in layers.items():
         z = inputs[name] @ layer.gate.detach().t()  # [B, T, E]
         nll = -torch.log_softmax(z, -1).gather(-1, labels.view(2, 1, 1).expand(2, z.shape[1], 1)).squeeze(-1)
-        ces.append(nll[:, :-1][mask[:, 1:]].mean())  # the reference's shift: position t when token t+1 is real
-    want = 50.0 * torch.stack(ces).mean()  # one mean over the concatenated gates = mean of the per-gate means
+        # the reference's shift: position t counts when token t+1 is real; a mean per sample, then over samples
+        ces.append(torch.stack([nll[b, :-1][mask[b, 1:]].mean() for b in range(2)]).mean())
+    want = 50.0 * torch.stack(ces).mean()  # one mean over the gates = mean of the per-gate means
     torch.testing.assert_close(out.aux_loss, want, atol=1e-4, rtol=1e-5)
     assert model.method_config.task_labels(["sort", "other", "add"]) == [1, -100, 0]
     with pytest.raises(moelora.MoeloraError, match="sample_labels must be expert indices"):
         model(**batch, sample_labels=torch.tensor([3, 0]))
+
+
+def test_gate_loss_is_the_same_however_the_step_is_split(batch):
+    """The gate loss of a batch equals the mean of its samples' losses computed one by one: 2 processes x batch 1
+    (or 2 accumulation steps, whose losses the trainers average) train as 1 x batch 2. The samples have different
+    lengths (12 and 8 real tokens), so a mean over the batch's tokens would weight the longer one more."""
+    model = _model(gate_loss_coef=50.0, dropout=0.0).train()
+    labels = torch.tensor([2, 0])
+    together = model(**batch, sample_labels=labels).aux_loss
+    alone = [model(**{k: v[b:b + 1] for k, v in batch.items()}, sample_labels=labels[b:b + 1]).aux_loss for b in range(2)]
+    torch.testing.assert_close(together, torch.stack(alone).mean(), atol=1e-5, rtol=1e-5)
+    grads = {}
+    for name, loss in (("together", lambda: model(**batch, sample_labels=labels).aux_loss),
+                       ("split", lambda: sum(model(**{k: v[b:b + 1] for k, v in batch.items()},
+                                                   sample_labels=labels[b:b + 1]).aux_loss / 2 for b in range(2)))):
+        model.zero_grad()
+        loss().backward()
+        grads[name] = torch.cat([p.grad.flatten() for p in model.trainable_parameters() if p.grad is not None])
+    torch.testing.assert_close(grads["split"], grads["together"], atol=1e-5, rtol=1e-4)
 
 
 def test_gate_loss_trains_the_gates_towards_the_task(batch):

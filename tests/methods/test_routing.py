@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import moelora
-from moelora.routing import balance_loss, mean_entropy, per_token, supervised_gate_loss, top_k_gates, token_weights
+from moelora.routing import (balance_loss, mean_entropy, per_token, sample_mean, supervised_gate_loss, top_k_gates,
+                             token_weights)
 
 
 def test_top_k_gates_each_gate_rule():
@@ -45,6 +46,16 @@ def test_supervised_gate_loss_is_the_mean_cross_entropy_of_kept_tokens():
     labels = torch.tensor([0, 0, -100])
     want = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(1))) / 2
     assert float(supervised_gate_loss(logits, labels, torch.ones(3))) == pytest.approx(want, rel=1e-6)
+
+
+def test_sample_mean_is_the_mean_of_each_samples_token_mean():
+    values = torch.tensor([1.0, 3.0, 5.0, 7.0, 2.0, 4.0])  # 2 samples x 3 tokens
+    w = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])  # sample 0: tokens 0-1 real; sample 1: token 0 only
+    assert float(sample_mean(values, w, 2)) == pytest.approx(((1 + 3) / 2 + 7) / 2)
+    assert float(sample_mean(values, torch.zeros(6), 2)) == 0.0  # samples without tokens count 0
+    logits, labels = torch.tensor([[2.0, 0.0], [0.0, 1.0], [5.0, 5.0], [1.0, 1.0]]), torch.tensor([0, 0, 1, -100])
+    per = [(math.log(1 + math.exp(-2)) + math.log(1 + math.exp(1))) / 2, math.log(2)]  # sample 1: token 3 ignored
+    assert float(supervised_gate_loss(logits, labels, torch.ones(4), n_samples=2)) == pytest.approx(sum(per) / 2, rel=1e-6)
 
 
 def test_per_token_repeats_each_sequence_and_refuses_a_bad_split():
