@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import moelora
+from moelora.errors import ConfigError
 from moelora.base_models import build_tiny_tokenizer, resolve_base_model
 from moelora.model import MoELoRAModel
 from moelora.multimodal import EncoderConfig
@@ -76,3 +77,11 @@ def test_every_method_generates_from_media(method):
     image_rows = [1, 3]  # the rows with an image
     assert not torch.allclose(scores[0][image_rows], scores[1][image_rows])
     torch.testing.assert_close(scores[0][[0, 2]], scores[1][[0, 2]], rtol=0, atol=1e-5)  # the others: unchanged
+
+
+def test_xlora_refuses_media_in_its_own_decoding():
+    """X-LoRA decodes with two KV caches of its own, from token ids: media are one clear error, not ignored."""
+    model = _model("xlora").eval()
+    batch = mixed_batch(model, build_tiny_tokenizer())
+    with pytest.raises(ConfigError, match="generate.media_mask"):
+        model.generate(**batch, max_new_tokens=1)
