@@ -125,9 +125,9 @@ def test_an_expert_without_tokens_on_one_process_does_not_hang(tmp_path):
 # Every routed text method of the shared list (smora's data-parallel tests are above; plain LoRA has no router).
 CLI_CHANGES = {
     "xlora": {"xlora_dropout_p": 0.0},  # classifier dropout off: its random masks differ between 1 and 2 processes
-    # The gate CE is a mean per micro-batch (the reference's: per device), so at lambda 50 1 x 4 and 2 x 2 differ
-    # by design (a mean of two means is not the mean); without it the gates and experts must train alike.
-    "meteora": {"gate_loss_coef": 0.0},
+    # Experts named after the tasks, so every sample has a gate-loss target: the gate CE at lambda 50 (a mean per
+    # sample, then over the samples) must train 2 processes x 2 as 1 x 4.
+    "meteora": {"experts": ["add", "sort_asc", "copy"]},
 }
 TEXT_METHODS = {name: method_override(name, **CLI_CHANGES.get(name, {}))
                 for name in SHARED_TEXT_METHODS if name not in ("lora", "smora")}
