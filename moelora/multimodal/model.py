@@ -47,6 +47,7 @@ class MediaEncoders(nn.Module):
         self.pretrained_trained = {kind: bool((pretrained_trained or {}).get(kind, False)) for kind in cfg.pretrained()}
         for kind, trained in self.pretrained_trained.items():
             getattr(self, kind).backbone.requires_grad_(trained)
+            getattr(self, kind).backbone.train(trained and self.training)
 
     @property
     def media_tokens(self) -> dict[str, int]:
@@ -69,8 +70,16 @@ class MediaEncoders(nn.Module):
             train = (not pretrained) if encoders is None else encoders
             if pretrained:
                 self.pretrained_trained[kind] = train
+                getattr(self, kind).backbone.train(train and self.training)
             for name, p in getattr(self, kind).named_parameters():
                 p.requires_grad_(projectors if part_of(name) == "projectors" else train)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for kind, trained in self.pretrained_trained.items():
+            if not trained:  # a frozen pretrained backbone runs as at inference (no dropout): fixed features
+                getattr(self, kind).backbone.eval()
+        return self
 
     # --- what a checkpoint holds -----------------------------------------------------------------------
     def saved_state_dict(self) -> dict[str, torch.Tensor]:

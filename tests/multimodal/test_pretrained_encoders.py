@@ -56,6 +56,8 @@ def test_pretrained_encoders_train_save_and_reload_identically(trained, hf_folde
     cfg = EncoderConfig(image_model=hf_folders["clip"], audio_model=hf_folders["whisper"])
     model = _model(cfg)
     model.encoders.set_trainable(encoders=trained, projectors=True)
+    model.train()
+    assert model.encoders.image.backbone.training == trained  # frozen: no dropout, the folder's features
     backbone = {k: v.clone() for k, v in model.encoders.state_dict().items() if ".backbone." in k}
     batch = mixed_batch(model, build_tiny_tokenizer(), labels=True)
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)

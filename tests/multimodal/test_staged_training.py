@@ -150,3 +150,29 @@ def test_bad_stage_inputs_are_one_line(overrides, names, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert all(n in err for n in names), err
+
+
+def test_init_encoders_across_methods(tmp_path):
+    """A modality-routing run's encoders (encoders.safetensors, with a vision-speech projector) start a LoRA run,
+    and a LoRA run's start a modality run (its extra projector begins as a copy of the speech projector)."""
+    from moelora.multimodal import EncoderConfig
+    from moelora.multimodal.transfer import load_encoders_from
+
+    cfg = EncoderConfig(image_width=8, audio_width=8)
+    base = lambda: resolve_base_model("tiny-random-llama")[0]  # noqa: E731
+    torch.manual_seed(1)
+    modality = moelora.get_moelora_model(base(), {"name": "modality", "vision_r": 2, "speech_r": 2}, encoders=cfg)
+    modality.save_pretrained(tmp_path / "modality")
+    torch.manual_seed(2)
+    lora = moelora.get_moelora_model(base(), {"name": "lora", "r": 2}, encoders=cfg)
+    assert load_encoders_from(lora, str(tmp_path / "modality")) == len(lora.encoders.state_dict())
+    theirs = modality.encoders.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in lora.encoders.state_dict().items())
+    lora.save_pretrained(tmp_path / "lora")
+    torch.manual_seed(3)
+    fresh = moelora.get_moelora_model(base(), {"name": "modality", "vision_r": 2, "speech_r": 2}, encoders=cfg)
+    load_encoders_from(fresh, str(tmp_path / "lora"))
+    got, want = fresh.encoders.state_dict(), lora.encoders.state_dict()
+    for key, value in got.items():
+        source = key.replace("proj_vision_speech.", "proj.")
+        assert torch.equal(value, want[source]), key
