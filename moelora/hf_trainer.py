@@ -17,8 +17,9 @@ and where each is provided:
   * TRL's fused LM head (`fused_lm_head=True` returns per-token log-probs): served by `fused_outputs`, since
     TRL's own patch would run the base backbone around moelora's forward (no padding mask for routers, no
     router loss).
-Under DeepSpeed the optimizer holds flat partitions, not the model's parameters: add the callback
-yourself there (`trainer.add_callback(MoELoRACallback())`); its on_step_end updates the routers.
+Under DeepSpeed the optimizer holds flat partitions, not the model's parameters: the hook then finds the
+Trainer on the call stack at the first optimizer step and adds the callback, whose on_step_end updates
+the routers (from that first step on; nothing to add by hand there either).
 """
 
 from __future__ import annotations
@@ -83,33 +84,67 @@ def _models_of(optimizer) -> list:
 
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
-    for model in _models_of(optimizer):
+    models = _models_of(optimizer)
+    for model in models:
         if model.training:
             model.__dict__.pop("_router_state_current", None)  # this step's update is the hook's to make
             model.update_router_state()
             model.__dict__["_router_state_current"] = True  # a second call for this step is then a no-op
-            _attach_to_trainer(model)
+            if not getattr(model, "_trainer_checked", False):
+                model._trainer_checked = True
+                _attach_to_trainer()
+    if not models and optimizer not in _optimizers_searched:
+        # DeepSpeed's ZeRO optimizers step a torch optimizer over flat partitions, none of them a model's
+        # parameter: the Trainer driving this step (if its model is a moelora one) gets the callback, whose
+        # on_step_end then updates the routers once per optimizer step. Searched once per optimizer.
+        _optimizers_searched.add(optimizer)
+        _attach_to_trainer(only_for_moelora_models=True)
 
 
-def _attach_to_trainer(model) -> None:
+_optimizers_searched: weakref.WeakSet = weakref.WeakSet()  # optimizers that trained no watched model
+
+
+def _attach_to_trainer(only_for_moelora_models: bool = False) -> None:
     """Give the Trainer running this step (found on the call stack) a `MoELoRACallback`, once."""
     # Only a script that imported Trainer can be running one (importing it here would cost seconds).
-    if getattr(model, "_trainer_checked", False) or "transformers.trainer" not in sys.modules:
+    if "transformers.trainer" not in sys.modules:
         return
-    model._trainer_checked = True
     from transformers import Trainer
 
     frame = sys._getframe(2)
-    for _ in range(40):
+    for _ in range(60):  # DeepSpeed's step sits ~15 frames below Trainer.training_step
         if frame is None:
             return
         trainer = frame.f_locals.get("self")
         if isinstance(trainer, Trainer):
+            if only_for_moelora_models and _core(trainer.model) is None:
+                return
             callback_cls = __getattr__("MoELoRACallback")
             if not any(isinstance(c, callback_cls) for c in trainer.callback_handler.callbacks):
                 trainer.add_callback(callback_cls())
+            if getattr(trainer, "deepspeed", None) is not None:
+                adapter_only_zero3_saves(trainer.deepspeed, _core(trainer.model))
             return
         frame = frame.f_back
+
+
+def adapter_only_zero3_saves(engine, core) -> None:
+    """Trainer's ZeRO-3 checkpoint (`model.safetensors`) from the adapter alone, as without DeepSpeed.
+
+    Trainer saves a ZeRO-3 model through the engine's consolidated state dict, which gathers every module's
+    tensors (PEFT models alone are spared the frozen ones): the whole base, and on tied-embedding bases two
+    names for one tensor, which safetensors refuses. This engine instead gathers the adapter and returns
+    `state_dict()`, the adapter-only dict every other Trainer checkpoint of this model holds."""
+    if core is None or not engine.zero_optimization_partition_weights():
+        return
+
+    def consolidated_adapter_state(exclude_frozen_parameters: bool = False):
+        with core.gathered_adapter():  # a collective: every process enters, the main one keeps the tensors
+            if torch.distributed.get_rank() != 0:
+                return None
+            return {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
+
+    engine._zero3_consolidated_16bit_state_dict = consolidated_adapter_state
 
 
 def _core(model):
