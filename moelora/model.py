@@ -219,12 +219,18 @@ class MoELoRAModel(nn.Module):
 
     def generate(self, *args, attention_mask: torch.Tensor | None = None, sample_labels: torch.Tensor | None = None,
                  **kwargs):
-        if "encoders" in self._modules:  # media_mask/images/audio -> inputs_embeds beside the ids
-            from .multimodal.model import generation_inputs
-
-            args, kwargs, sample_labels = generation_inputs(self, args, kwargs, sample_labels)
+        args, kwargs, sample_labels = self.media_generation_inputs(args, kwargs, sample_labels)
         self.context.start_forward(attention_mask, sample_labels, generating=True)
         return self.base_model.generate(*args, attention_mask=attention_mask, **kwargs)
+
+    def media_generation_inputs(self, args: tuple, kwargs: dict, sample_labels):
+        """(args, kwargs, sample_labels) for a decoder: with encoders, media_mask/images/audio become
+        `inputs_embeds` beside the ids (and routing labels, for a method that routes by modality)."""
+        if "encoders" not in self._modules:
+            return args, kwargs, sample_labels
+        from .multimodal.model import generation_inputs
+
+        return generation_inputs(self, args, kwargs, sample_labels)
 
     def enable_gradient_checkpointing(self) -> None:
         """Non-reentrant activation checkpointing on the base model (works although its inputs are frozen).

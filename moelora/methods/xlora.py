@@ -267,10 +267,11 @@ class XLoRAModel(ExpertBankModel):
             self.context.model_gates = self.compute_scalings(attention_mask=attention_mask, **inputs)
         return super().forward(attention_mask=attention_mask, sample_labels=sample_labels, **kwargs)
 
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, sample_labels=None, **kwargs):
         from .xlora_generate import generate
 
-        return generate(self, *args, **kwargs)
+        args, kwargs, sample_labels = self.media_generation_inputs(args, kwargs, sample_labels)  # media -> embeds
+        return generate(self, *args, sample_labels=sample_labels, **kwargs)
 
     # --- state: the classifier is saved with the expert bank -------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:

@@ -59,8 +59,11 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
              max_new_tokens: int | None = None, min_new_tokens: int = 0, do_sample: bool | None = None,
              temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
              eos_token_id=_UNSET, pad_token_id: int | None = None, use_cache: bool = True, generation_config=None,
-             sample_labels=None, max_length: int | None = None, **unsupported) -> torch.Tensor:
-    """Greedy or sampled decoding of `model` (an XLoRAModel); returns [B, prompt + new] token ids."""
+             sample_labels=None, max_length: int | None = None, inputs_embeds: torch.Tensor | None = None,
+             **unsupported) -> torch.Tensor:
+    """Greedy or sampled decoding of `model` (an XLoRAModel); returns [B, prompt + new] token ids.
+    `inputs_embeds` ([B, prompt, d], e.g. with image/audio features over placeholders) replace the prompt's token
+    embeddings; the new tokens are read by id."""
     from transformers import DynamicCache
 
     gen = generation_config or model.base_model.generation_config
@@ -101,6 +104,10 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         if not use_cache:  # reference path: both passes over the whole sequence, as PEFT does
             step_ids, step_pos = ids, _positions(mask)
         inputs = dict(input_ids=step_ids, attention_mask=mask, position_ids=step_pos)
+        if inputs_embeds is not None and (step == 0 or not use_cache):  # the prompt runs from its embeddings
+            new = model.base_model.get_input_embeddings()(ids[:, inputs_embeds.shape[1]:]).to(inputs_embeds.dtype)
+            inputs = dict(inputs_embeds=torch.cat([inputs_embeds, new], dim=1), attention_mask=mask,
+                          position_ids=step_pos)
         model.context.start_forward(mask, sample_labels, generating=True)
         scaling_cache, real_cache = caches if use_cache else (None, None)
         model.context.model_gates = model.compute_scalings(past_key_values=scaling_cache, **inputs) if layers_on else None

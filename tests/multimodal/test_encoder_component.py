@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import moelora
-from moelora.errors import ConfigError
 from moelora.base_models import build_tiny_tokenizer, resolve_base_model
 from moelora.model import MoELoRAModel
 from moelora.multimodal import EncoderConfig
@@ -60,9 +59,31 @@ def test_every_method_owns_encoders(method, tmp_path):
     torch.testing.assert_close(again, logits, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", [m for m in TEXT_METHODS if m != "xlora"])
+@pytest.mark.parametrize("method", TEXT_METHODS)
 def test_every_method_generates_from_media(method):
-    """generate() reads the media through the encoders: the greedy tokens depend on the image."""
+    """generate() prefills from the encoders' embeddings (X-LoRA's own two-cache decoding too): the decoder's
+    first call reads exactly `encoders.embed(...)`, the prompt ids come back followed by the new tokens."""
+    model = _model(method).eval()
+    tokenizer = build_tiny_tokenizer()
+    batch = mixed_batch(model, tokenizer)
+    kwargs = {"sample_labels": torch.tensor([0, 1, 2, 0])} if method in ("lora_mixer", "meteora") else {}
+    seen = []
+    hook = model.base_model.model.register_forward_pre_hook(
+        lambda m, args, kw: seen.append(kw.get("inputs_embeds")), with_kwargs=True)
+    try:
+        out = model.generate(**batch, **kwargs, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    finally:
+        hook.remove()
+    out = out.sequences if hasattr(out, "sequences") else out
+    assert torch.equal(out[:, :batch["input_ids"].shape[1]], batch["input_ids"]) and out.shape[1] == batch["input_ids"].shape[1] + 2
+    with torch.no_grad():
+        want = model.encoders.embed(model, batch["input_ids"], batch["media_mask"], batch["images"], batch["audio"])
+    first = next(e for e in seen if e is not None)  # X-LoRA's scaling pass reads them too
+    torch.testing.assert_close(first, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", [m for m in TEXT_METHODS if m != "xlora"])  # X-LoRA's loop returns ids only
+def test_generated_scores_depend_on_the_image(method):
     model = _model(method).eval()
     tokenizer = build_tiny_tokenizer()
     batch = mixed_batch(model, tokenizer)
@@ -70,18 +91,18 @@ def test_every_method_generates_from_media(method):
     scores = []
     for scale in (1.0, -5.0):  # the same prompts with other pixels
         media = {**batch, "images": batch["images"] * scale}
-        out = model.generate(**media, **kwargs, max_new_tokens=2, do_sample=False, output_scores=True,
+        out = model.generate(**media, **kwargs, max_new_tokens=1, do_sample=False, output_scores=True,
                              return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
-        assert out.sequences.shape[1] == batch["input_ids"].shape[1] + 2
         scores.append(out.scores[0])
-    image_rows = [1, 3]  # the rows with an image
-    assert not torch.allclose(scores[0][image_rows], scores[1][image_rows])
+    assert not torch.allclose(scores[0][[1, 3]], scores[1][[1, 3]])  # the rows with an image
     torch.testing.assert_close(scores[0][[0, 2]], scores[1][[0, 2]], rtol=0, atol=1e-5)  # the others: unchanged
 
 
-def test_xlora_refuses_media_in_its_own_decoding():
-    """X-LoRA decodes with two KV caches of its own, from token ids: media are one clear error, not ignored."""
+def test_xlora_cached_and_uncached_decoding_agree_with_media():
+    """X-LoRA's uncached path re-runs the whole sequence: the prompt from its embeddings, the new tokens by id."""
     model = _model("xlora").eval()
-    batch = mixed_batch(model, build_tiny_tokenizer())
-    with pytest.raises(ConfigError, match="generate.media_mask"):
-        model.generate(**batch, max_new_tokens=1)
+    tokenizer = build_tiny_tokenizer()
+    batch = mixed_batch(model, tokenizer)
+    runs = [model.generate(**batch, max_new_tokens=3, do_sample=False, use_cache=cache,
+                           pad_token_id=tokenizer.pad_token_id) for cache in (True, False)]
+    assert torch.equal(runs[0], runs[1])
