@@ -226,9 +226,4 @@ def saved_encoder_config(meta: dict) -> tuple[EncoderConfig, dict[str, bool]]:
     return cfg, {kind: bool(v.get("trained")) for kind, v in pretrained.items()}
 
 
-def multimodal_model_class(model_cls: type) -> type:
-    """Every method's model class can own encoders now (`attach_encoders`): the class itself."""
-    return model_cls
-
-
 MultimodalEncoders = MediaEncoders  # the name before encoders became a component

@@ -8,6 +8,7 @@ import moelora
 from moelora.base_models import build_tiny_tokenizer, resolve_base_model
 from moelora.model import MoELoRAModel
 from moelora.multimodal import EncoderConfig
+from moelora.registry import get_method
 from tests.conftest import randomize_adapters
 from tests.method_cases import METHOD_CASES, TEXT_METHODS
 from tests.multimodal_batches import mixed_batch
@@ -27,7 +28,8 @@ def _model(method):
 def test_every_method_owns_encoders(method, tmp_path):
     model = _model(method)
     tokenizer = build_tiny_tokenizer()
-    assert type(model).__name__ != "MultimodalLoRAModel" and model.media_tokens == {"image": 4, "audio": 8}
+    # the method's own model class (no multimodal subclass), owning the encoders
+    assert type(model) is (get_method(method).model_cls or MoELoRAModel) and model.media_tokens == {"image": 4, "audio": 8}
     batch = mixed_batch(model, tokenizer, labels=True)
     if method in ("lora_mixer", "meteora"):  # task-routed methods get one label per sample
         batch["sample_labels"] = torch.tensor([0, 1, 2, 0])
