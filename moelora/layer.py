@@ -185,17 +185,32 @@ class AdapterLayer(nn.Module):
     def apply_step(self, counts: torch.Tensor) -> None:
         """Called once per optimizer step with the all-reduced `step_counts()`."""
 
-    # Layers with a router keep a `RouterStats` as `self.router_stats`; these defaults report and reset it,
-    # so a method only overrides them to add statistics of its own (and calls these for the rest).
+    # Layers with a router keep a `RouterStats` as `self.router_stats`, and layers with a router loss a `LossTerms`
+    # as `self.loss_terms`; these defaults report and reset both, so a method only overrides them to add
+    # statistics of its own (and calls these for the rest).
     def stats(self) -> dict | None:
-        """Router utilisation since the last reset, or None for methods without a router."""
+        """Router utilisation since the last reset (and the mean of each router-loss term), or None for methods
+        without a router."""
         router = getattr(self, "router_stats", None)
-        return router.summary() if router is not None else None
+        out = router.summary() if router is not None else None
+        terms = getattr(self, "loss_terms", None)
+        if out is not None and terms is not None and (means := terms.summary()):
+            out["loss_terms"] = means  # the unweighted terms, logged as aux/<term>
+        return out
 
     def reset_stats(self) -> None:
-        router = getattr(self, "router_stats", None)
-        if router is not None:
-            router.reset()
+        for part in (getattr(self, "router_stats", None), getattr(self, "loss_terms", None)):
+            if part is not None:
+                part.reset()
+
+    def add_router_loss(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        """Add this forward's router loss (already weighted) to the model's aux losses and its unweighted `terms`
+        to `self.loss_terms`. Gradient-checkpoint recomputation runs the same ops (so saved tensors line up) but
+        the forward already added the loss and counted its terms: nothing is added then."""
+        if in_backward():
+            return
+        self.context.aux_losses.append(loss)
+        self.loss_terms.record(terms)
 
     def record_routing(self, selected: torch.Tensor, gates: torch.Tensor) -> None:
         """Add this forward's choice (selected [N, k] ids, gates [N, k]) to the router statistics, counting real
@@ -240,6 +255,47 @@ def count_selections(counts: torch.Tensor, selected: torch.Tensor, mask: torch.T
     weight = mask.to(counts.dtype)
     counts.scatter_add_(0, selected.flatten(), weight[:, None].expand(selected.shape).flatten())
     return weight
+
+
+def own_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, submodule) of `module` and its parts, without a wrapped `base_layer` (frozen base weights)."""
+    return [(n, m) for n, m in module.named_modules() if n != "base_layer" and not n.startswith("base_layer.")]
+
+
+def router_buffers_to_fp32(module: nn.Module, device: torch.device | None = None) -> None:
+    """Floating buffers of `module`'s own parts (router state such as SMoRA's beta and counts) to fp32, on `device`
+    if given (other buffers only move): they accumulate steps far below 16-bit resolution, whatever the adapter
+    dtype or a whole-model cast (DeepSpeed's 16-bit engine casts every buffer)."""
+    for _, sub in own_modules(module):
+        for key, b in sub.named_buffers(recurse=False):
+            if b.is_floating_point() and (b.dtype != torch.float32 or device is not None):
+                sub._buffers[key] = b.to(device=device, dtype=torch.float32)
+            elif device is not None:
+                sub._buffers[key] = b.to(device=device)
+
+
+class LossTerms:
+    """Running [sum, count] of each named term of a layer's router loss since the last reset (for the training
+    log: train.py averages them over layers into aux/<term>), accumulated without gradients."""
+
+    def __init__(self, layer: AdapterLayer, names: tuple[str, ...]):
+        self.names = tuple(names)
+        layer.register_buffer("stat_terms", torch.zeros(len(self.names), 2), persistent=False)
+        self.layer = layer
+
+    @torch.no_grad()
+    def record(self, terms: dict[str, torch.Tensor]) -> None:
+        for i, name in enumerate(self.names):
+            if name in terms:
+                self.layer.stat_terms[i, 0] += terms[name].detach().float()
+                self.layer.stat_terms[i, 1] += 1
+
+    def summary(self) -> dict[str, float]:
+        sums = self.layer.stat_terms.tolist()
+        return {name: total / count for name, (total, count) in zip(self.names, sums) if count > 0}
+
+    def reset(self) -> None:
+        self.layer.stat_terms.zero_()
 
 
 class RouterStats:

@@ -24,7 +24,8 @@ from .adapter_folder import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME, is_moelora
 from .checkpoint import atomic_dir, first_non_finite, fingerprint, load_tensors, read_json, save_tensors, write_json
 from .config import suggest
 from .errors import CheckpointError, ConfigError, DataError, MoeloraError, short_repr
-from .layer import AdapterLayer, RoutingContext, adapter_dtype_for, layer_sites, linear_dims
+from .layer import (AdapterLayer, RoutingContext, adapter_dtype_for, layer_sites, linear_dims, own_modules,
+                    router_buffers_to_fp32)
 from .peft_compat import read_adapter_config
 from .registry import config_from_dict, get_method, get_peft_importer, peft_exporter
 from .hf_trainer import FORWARD_SIGNATURE, fused_outputs, trainer_signature, watch_optimizer_steps
@@ -151,14 +152,11 @@ class MoELoRAModel(nn.Module):
         router/encoder's) on `like`'s device in the adapter dtype; floating buffers (router state such as SMoRA's
         beta and counts) go to fp32 whatever the policy: they accumulate steps far below 16-bit resolution."""
         dtype = adapter_dtype_for(self.method_config, like.dtype)
-        for name, sub in module.named_modules():
-            if name == "base_layer" or name.startswith("base_layer."):
-                continue
+        for _, sub in own_modules(module):
             for key, p in sub.named_parameters(recurse=False):
                 if p.is_floating_point():
                     p.data = p.data.to(device=like.device, dtype=dtype)
-            for key, b in sub.named_buffers(recurse=False):
-                sub._buffers[key] = b.to(device=like.device, dtype=torch.float32 if b.is_floating_point() else None)
+        router_buffers_to_fp32(module, like.device)
         if isinstance(module, AdapterLayer):
             module.adapter_dtype = dtype
         return module
@@ -166,9 +164,7 @@ class MoELoRAModel(nn.Module):
     def router_state_to_fp32(self) -> None:
         """Undo a whole-model cast of the router buffers (DeepSpeed's bf16/fp16 engine casts every buffer)."""
         for layer in self.adapter_layers().values():
-            for key, b in list(layer._buffers.items()):
-                if b is not None and b.is_floating_point() and b.dtype != torch.float32:
-                    layer._buffers[key] = b.float()
+            router_buffers_to_fp32(layer)
 
     # --- delegation -------------------------------------------------------------------------
     def __getattr__(self, name):

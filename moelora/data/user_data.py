@@ -105,19 +105,27 @@ def _text(value) -> str | None:
     return None
 
 
+def _turns(where: str, turns, field: str, who: str, what: str) -> list[tuple[str, str]]:
+    """(speaker, text) of each turn of a row's `field`: a non-empty list of {who: str, what: text} objects."""
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: '{field}' must be a non-empty list of {{{who}, {what}}}")
+    out = []
+    for j, t in enumerate(turns):
+        if not isinstance(t, dict) or not isinstance(t.get(who), str) or _text(t.get(what)) is None:
+            raise DataError(f"{where}: {field}[{j}] needs string '{who}' and '{what}'")
+        out.append((t[who], _text(t[what])))
+    return out
+
+
 def _sharegpt_messages(where: str, turns) -> list[dict]:
     """ShareGPT ``conversations`` -> OpenAI-style messages (roles mapped by SHAREGPT_ROLES)."""
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: 'conversations' must be a non-empty list of {{from, value}}")
     msgs = []
-    for j, t in enumerate(turns):
-        if not isinstance(t, dict) or not isinstance(t.get("from"), str) or _text(t.get("value")) is None:
-            raise DataError(f"{where}: conversations[{j}] needs string 'from' and 'value'")
-        role = SHAREGPT_ROLES.get(t["from"].strip().lower())
+    for j, (speaker, text) in enumerate(_turns(where, turns, "conversations", "from", "value")):
+        role = SHAREGPT_ROLES.get(speaker.strip().lower())
         if role is None:
-            raise DataError(f"{where}: conversations[{j}] has 'from': {short_repr(t['from'])}; expected one of "
+            raise DataError(f"{where}: conversations[{j}] has 'from': {short_repr(speaker)}; expected one of "
                             f"{', '.join(SHAREGPT_ROLES)}")
-        msgs.append({"role": role, "content": _text(t["value"])})
+        msgs.append({"role": role, "content": text})
     return msgs
 
 
@@ -137,14 +145,8 @@ def _normalise(path, i: int, row: dict, task_field: str, default_task: str = DEF
     if row.get("messages") is None and row.get("conversations") is not None:
         row = {**row, "messages": _sharegpt_messages(where, row["conversations"])}
     if row.get("messages") is not None:
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
-        clean = []
-        for j, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or _text(m.get("content")) is None:
-                raise DataError(f"{where}: messages[{j}] needs string 'role' and 'content'")
-            clean.append({"role": m["role"], "content": _text(m["content"])})
+        clean = [{"role": role, "content": text}
+                 for role, text in _turns(where, row["messages"], "messages", "role", "content")]
         if not any(m["role"] == "assistant" for m in clean):
             raise DataError(f"{where}: 'messages' has no assistant message to learn from")
         last = max(j for j, m in enumerate(clean) if m["role"] == "assistant")

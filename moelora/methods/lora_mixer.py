@@ -39,7 +39,7 @@ from torch import nn
 from ..adapter_folder import CONFIG_NAME, is_moelora_folder, read_moelora_folder
 from ..errors import CheckpointError, ConfigError, MoeloraError
 from ..experts import ExpertBankLayer, ExpertBankModel, ExpertsConfig
-from ..layer import RouterStats, in_backward
+from ..layer import LossTerms, RouterStats
 from ..ops import rank_activation
 from ..registry import register_method
 from ..routing import balance_loss, mean_entropy, per_token, top_k_gates, token_weights
@@ -117,8 +117,7 @@ class LoRAMixerLayer(ExpertBankLayer):
         nn.init.normal_(self.router, std=0.02)
         self.router_owner: tuple[LoRAMixerLayer, ...] = ()  # (q_proj's layer,) when this one shares its router
         self.router_stats = RouterStats(self, self.n_experts)
-        # Running [sum, count] of each loss term since the last reset (for the training log).
-        self.register_buffer("stat_terms", torch.zeros(len(_TERMS), 2, device=w.device), persistent=False)
+        self.loss_terms = LossTerms(self, _TERMS)  # each term's running mean, for the training log
 
     def router_weight(self) -> torch.Tensor:
         return self.router_owner[0].router if self.router_owner else self.router
@@ -175,28 +174,8 @@ class LoRAMixerLayer(ExpertBankLayer):
             terms["preserve"] = ((self.lora_A - self.anchor_A).pow(2).sum() + (self.lora_B - self.anchor_B).pow(2).sum())
             pres = cfg.preserve_coef * terms["preserve"].float()
             loss = pres if loss is None else loss + pres
-        # Checkpoint recomputation runs the same ops (so saved tensors line up) but the forward already
-        # added this loss and counted its terms.
-        if loss is None or in_backward():
-            return
-        self.context.aux_losses.append(loss)
-        with torch.no_grad():
-            for i, name in enumerate(_TERMS):
-                if name in terms:
-                    self.stat_terms[i, 0] += terms[name].detach().float()
-                    self.stat_terms[i, 1] += 1
-
-    def stats(self):
-        out = super().stats()
-        terms = {name: float(self.stat_terms[i, 0] / self.stat_terms[i, 1])
-                 for i, name in enumerate(_TERMS) if self.stat_terms[i, 1] > 0}
-        if terms:
-            out["loss_terms"] = terms
-        return out
-
-    def reset_stats(self):
-        super().reset_stats()
-        self.stat_terms.zero_()
+        if loss is not None:
+            self.add_router_loss(loss, terms)
 
 
 class LoRAMixerModel(ExpertBankModel):

@@ -38,7 +38,7 @@ from torch import nn
 from ..config import ALL_LINEAR
 from ..errors import MoeloraError
 from ..experts import ExpertBankLayer, ExpertBankModel, ExpertsConfig
-from ..layer import RouterStats, in_backward, kaiming_uniform_
+from ..layer import LossTerms, RouterStats, kaiming_uniform_
 from ..ops import rank_activation
 from ..registry import register_method
 from ..routing import per_token, supervised_gate_loss, token_weights, top_k_gates
@@ -90,7 +90,7 @@ class MeteoRALayer(ExpertBankLayer):
         self.expert_dropout, self.dropout = self.dropout, nn.Identity()
         self.n_gates = self.site.count  # gates in the model: the gate loss is a mean over all of them
         self.router_stats = RouterStats(self, self.n_experts)
-        self.register_buffer("stat_gate_loss", torch.zeros(2, device=self.lora_A.device), persistent=False)
+        self.loss_terms = LossTerms(self, ("gate",))  # the unweighted gate CE, logged as aux/gate
 
     def update(self, x, out):
         cfg = self.config
@@ -119,23 +119,7 @@ class MeteoRALayer(ExpertBankLayer):
         # Per sample, then over the samples: the trainers average micro-batch losses over processes and
         # accumulation steps, and a mean of equal-sized per-sample means is the step's mean (a token mean is not).
         ce = supervised_gate_loss(logits, targets, w, n_samples=labels.shape[0])
-        # Checkpoint recomputation runs the same ops (saved tensors line up), but the forward already added it.
-        if in_backward():
-            return
-        self.context.aux_losses.append(self.config.gate_loss_coef * ce / self.n_gates)
-        with torch.no_grad():
-            self.stat_gate_loss += torch.stack([ce.detach(), ce.new_ones(())])
-
-    def stats(self):
-        out = super().stats()
-        total, count = self.stat_gate_loss.tolist()
-        if count:
-            out["loss_terms"] = {"gate": total / count}  # the unweighted CE, logged as aux/gate
-        return out
-
-    def reset_stats(self):
-        super().reset_stats()
-        self.stat_gate_loss.zero_()
+        self.add_router_loss(self.config.gate_loss_coef * ce / self.n_gates, {"gate": ce})
 
 
 class MeteoRAModel(ExpertBankModel):
