@@ -69,3 +69,31 @@ def test_unsupported_peft_options_are_refused(tmp_path, tiny_llama):
     peft_model.save_pretrained(tmp_path / "dora")
     with pytest.raises(moelora.CheckpointError, match="use_dora"):
         moelora.MoELoRAModel.from_pretrained(resolve_base_model("tiny-random-llama")[0], tmp_path / "dora")
+
+
+BELOW_THE_METHODS = ["peft_compat.py", "model.py", "adapter_folder.py", "layer.py", "routing.py", "experts.py",
+                     "registry.py"]
+
+
+@pytest.mark.parametrize("module", BELOW_THE_METHODS)
+def test_shared_modules_name_no_method(module):
+    """The codec, the model and the shared layer code never import a method or dispatch on a method's name:
+    methods register what PEFT folders load as and what they export (moelora/registry.py)."""
+    import ast
+    from pathlib import Path
+
+    from moelora.registry import METHODS
+
+    tree = ast.parse((Path(moelora.__file__).parent / module).read_text())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [m for m in imported if m == "methods" or m.startswith("methods.") or ".methods" in m], imported
+    names = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert not names & set(METHODS)
+
+
+def test_a_peft_type_nobody_registered_is_refused_naming_the_known_ones(tmp_path, tiny_llama):
+    from moelora.checkpoint import write_json
+
+    write_json(tmp_path / "adapter_config.json", {"peft_type": "IA3", "target_modules": ["q_proj"]})
+    with pytest.raises(moelora.CheckpointError, match="peft_type 'IA3' is not supported here.*'LORA', 'XLORA'"):
+        moelora.MoELoRAModel.from_pretrained(tiny_llama[0], tmp_path)
