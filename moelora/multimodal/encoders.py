@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -51,6 +52,8 @@ class EncoderConfig(StrictConfig):
         for name in ("image_model", "audio_model"):
             if getattr(self, name) is not None and not str(getattr(self, name)).strip():
                 raise self.error(name, "must name a local Hugging Face model folder (or be null for our conv encoder)")
+            if getattr(self, name):  # absolute, so a checkpoint finds the folder from any working directory
+                setattr(self, name, str(Path(getattr(self, name)).expanduser().resolve()))
 
     def pretrained(self) -> dict[str, str]:
         """{"image"/"audio": folder} of the encoders that are pretrained HF models."""

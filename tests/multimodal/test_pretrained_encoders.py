@@ -133,3 +133,16 @@ def test_bad_pretrained_folders_are_one_clear_error(hf_folders, tmp_path, capsys
                       f"encoders.audio_model={pickled}", f"output_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "encoders.audio_model" in err and "safetensors" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_relative_folder_is_saved_absolute(hf_folders, monkeypatch, tmp_path):
+    """The checkpoint names the folder so that it loads from any working directory."""
+    clip = Path(hf_folders["clip"])
+    monkeypatch.chdir(clip.parent)
+    model = _model(EncoderConfig(image_model="clip"))
+    model.save_pretrained(tmp_path / "adapter")
+    monkeypatch.chdir(tmp_path)
+    meta = json.loads((tmp_path / "adapter/moelora_config.json").read_text())
+    assert meta["encoders"]["image_model"] == str(clip.resolve())
+    loaded = MoELoRAModel.from_pretrained(resolve_base_model("tiny-random-llama")[0], tmp_path / "adapter")
+    assert loaded.encoders.config.image_model == str(clip.resolve())
