@@ -83,7 +83,7 @@ def read_lora(path: str | Path) -> PeftLoRA:
                         bool(cfg.get("use_rslora", False)), normalise_targets(cfg.get("target_modules")),
                         cfg.get("base_model_name_or_path"))
     except (TypeError, ValueError, KeyError) as exc:  # r: "x", no "r": name the file, not a traceback line
-        raise CheckpointError(f"{where} has a missing or wrongly typed field: {type(exc).__name__}: "
+        raise CheckpointError(f"PEFT adapter config {where} has a missing or wrongly typed field: {type(exc).__name__}: "
                               f"{short_repr(str(exc))}") from None
     if lora.r < 1:
         raise CheckpointError(f"{where}: 'r' must be >= 1, got {lora.r}")
