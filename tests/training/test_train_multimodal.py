@@ -26,10 +26,9 @@ TINY = [
     "per_device_eval_batch_size=8", "eval_max_new_tokens=3", "report_to=[jsonl]", "logging_steps=1",
     "learning_rate=1e-2", "encoders.image_width=16", "encoders.audio_width=16",
 ]
-# Every row of the one method list (tests/method_cases.py): any method's model owns encoders, so each trains and
-# is evaluated here, except X-LoRA, whose own two-cache decoding reads token ids and refuses media (by name:
-# tests/multimodal/test_encoder_component.py), so train.py cannot score it on image/audio tasks.
-METHODS = {name: method_override(name) for name in METHOD_CASES if name != "xlora"}
+# Every row of the one method list (tests/method_cases.py): any method's model owns encoders (X-LoRA's own
+# two-cache decoding prefills from them too), so each trains, is evaluated per task and reloads here.
+METHODS = {name: method_override(name) for name in METHOD_CASES}
 # The shipped configs that train on the multimodal suite (the SmolLM2 smoke runs those).
 SHIPPED_MULTIMODAL = [name for name in METHOD_CASES
                       if (yaml.safe_load((REPO / f"configs/{name}.yaml").read_text()).get("data") or {}).get("suite")
