@@ -6,8 +6,13 @@ Ours are trained from scratch (the LM stays frozen), so they are small and fast 
     log-mel [M, F]    -> 3 x conv1d (k 5, stride 2)            -> avg-pool to audio_tokens    -> audio_tokens tokens
     projector         -> Linear(width -> d) . GELU . Linear(d -> d)       (Phi-4's projector shape)
 
-The projector's last layer starts at the scale of the LM's token embeddings, so projected features look
-like embeddings to the frozen LM from the first step. Every token of an encoded item replaces one
+With `feature_norm` (the default) pictures are centred to [-1, 1] (SigLIP's normalisation), the conv layers are
+initialised to keep their input's variance (He init, zero biases) and a LayerNorm closes the feature extractor;
+the projector's first layer then sees unit-variance features and its last layer starts at the scale of the LM's
+token embeddings. Both matter: without them (the encoders of checkpoints saved before `feature_norm`) a fresh
+encoder's tokens were 28x smaller than the embeddings and 98% of their value was the same for every picture
+(the biases), so the frozen LM saw one constant token and the image path did not learn in 400 steps
+(RESULTS.md §8). Every token of an encoded item replaces one
 placeholder token of the sequence (see `moelora.data.media`).
 
 Instead of our conv feature extractor, a local Hugging Face vision or audio model can sit behind the projector
@@ -39,6 +44,9 @@ class EncoderConfig(StrictConfig):
     n_mels: int = 40  # mel bands of the audio features (moelora.data.audio.N_MELS)
     audio_tokens: int = 8  # tokens per clip: ~0.23 s each for the suite's 1.86 s windows (Phi-4: 80 ms)
     audio_width: int = 64  # conv channels of the audio encoder
+    # Centred pictures, variance-keeping conv init and a LayerNorm on the features, so encoded tokens differ
+    # between inputs from the first step (RESULTS.md §8); false: the encoders of checkpoints saved before it.
+    feature_norm: bool = True
     # A local HF vision model folder (CLIP/SigLIP, or its vision tower) as the image feature extractor instead of
     # our conv; None: ours (no download, trains from scratch). image_width is then the model's hidden size.
     image_model: str | None = None
@@ -65,12 +73,33 @@ class EncoderConfig(StrictConfig):
         return {"image": self.image_grid ** 2, "audio": self.audio_tokens}
 
 
+_GELU_RMS = 0.6518  # sqrt(E[GELU(z)^2]) for z ~ N(0, 1)
+
+
 def projector(width: int, hidden: int, embed_std: float) -> nn.Sequential:
+    """Linear . GELU . Linear whose outputs have the embeddings' RMS for unit-variance inputs: the first layer
+    keeps the variance (no bias, which would add the same vector to every token), the last scales GELU's."""
     proj = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
-    with torch.no_grad():  # GELU outputs are O(1): scale the last layer so outputs have the embeddings' std
-        nn.init.normal_(proj[2].weight, std=embed_std / math.sqrt(hidden))
+    with torch.no_grad():
+        nn.init.normal_(proj[0].weight, std=1 / math.sqrt(width))
+        proj[0].bias.zero_()
+        nn.init.normal_(proj[2].weight, std=embed_std / (_GELU_RMS * math.sqrt(hidden)))
         proj[2].bias.zero_()
     return proj
+
+
+def feature_extractor(cfg: EncoderConfig, layers: list[nn.Module], width: int) -> tuple[nn.Sequential, nn.Module]:
+    """(conv stack, norm on its output tokens): He-initialised with zero biases and a LayerNorm under
+    `feature_norm`, so features keep their input's variation; PyTorch's default init and no norm otherwise."""
+    conv = nn.Sequential(*layers)
+    if not cfg.feature_norm:
+        return conv, nn.Identity()
+    with torch.no_grad():
+        for m in conv:
+            if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")  # GELU ~ ReLU for the variance
+                m.bias.zero_()
+    return conv, nn.LayerNorm(width)
 
 
 class ImageEncoder(nn.Module):
@@ -78,19 +107,21 @@ class ImageEncoder(nn.Module):
         super().__init__()
         w = cfg.image_width
         self.cfg = cfg
-        self.conv = nn.Sequential(
+        self.conv, self.norm = feature_extractor(cfg, [
             nn.Conv2d(cfg.image_channels, w, 3, padding=1), nn.GELU(),
             nn.Conv2d(w, w, 3, stride=2, padding=1), nn.GELU(),
             nn.Conv2d(w, w, 3, padding=1), nn.GELU(),
             nn.AdaptiveAvgPool2d(cfg.image_grid),
-        )
+        ], w)
         self.proj = projector(w, hidden, embed_std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[n, C, H, W] -> [n, grid², hidden]."""
         if images.dim() != 4 or images.shape[1] != self.cfg.image_channels:
             raise DataError(f"images must be [n, {self.cfg.image_channels}, H, W], got {list(images.shape)}")
-        return self.proj(self.conv(images).flatten(2).transpose(1, 2))
+        if self.cfg.feature_norm:
+            images = images * 2 - 1  # [0, 1] -> [-1, 1]: zero-centred, as SigLIP normalises
+        return self.proj(self.norm(self.conv(images).flatten(2).transpose(1, 2)))
 
 
 class AudioEncoder(nn.Module):
@@ -98,19 +129,19 @@ class AudioEncoder(nn.Module):
         super().__init__()
         w = cfg.audio_width
         self.cfg = cfg
-        self.conv = nn.Sequential(
+        self.conv, self.norm = feature_extractor(cfg, [  # log-mels are already ~[-1, 1] (Whisper's scaling)
             nn.Conv1d(cfg.n_mels, w, 5, stride=2, padding=2), nn.GELU(),
             nn.Conv1d(w, w, 5, stride=2, padding=2), nn.GELU(),
             nn.Conv1d(w, w, 5, stride=2, padding=2), nn.GELU(),
             nn.AdaptiveAvgPool1d(cfg.audio_tokens),
-        )
+        ], w)
         self.proj = projector(w, hidden, embed_std)
 
     def forward(self, mels: torch.Tensor) -> torch.Tensor:
         """[n, n_mels, frames] -> [n, audio_tokens, hidden]."""
         if mels.dim() != 3 or mels.shape[1] != self.cfg.n_mels:
             raise DataError(f"audio features must be [n, {self.cfg.n_mels}, frames], got {list(mels.shape)}")
-        return self.proj(self.conv(mels).transpose(1, 2))
+        return self.proj(self.norm(self.conv(mels).transpose(1, 2)))
 
 
 PARTS = ("encoders", "projectors")  # what freeze_* and *_learning_rate name (besides the adapters)
