@@ -33,7 +33,7 @@ def _smoke():
 
 
 def check_op() -> None:
-    from moelora.kernels import rank_activation as ra
+    from moelora.kernels import plans  # the split count is looked up there
     from moelora.kernels.rank_activation import INTERPRET, rank_activation_triton
     from moelora.ops import rank_activation_torch
     from tests.kernels.cases import PATTERNS, TOL, assert_match, make_case, run
@@ -42,12 +42,12 @@ def check_op() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 compared tightly: no TF32 on either side
     patterns = ["smora_r64_k8", "mixlora_sep"] if SMOKE else list(PATTERNS)
     dtypes = (torch.bfloat16,) if SMOKE else (torch.float32, torch.float16, torch.bfloat16)
-    natural = ra._split_count
+    natural = plans._split_count
     # The shapes here split only the token reductions; the first shape runs again with every reduction split
     # in 3 (as at d=4096), so the kernels' split paths (partials summed by their consumers) run compiled too.
     for (n, d_in, d_out), forced in [(SHAPES[0], 3)] * (not SMOKE) + [(shape, None) for shape in SHAPES]:
-        ra._split_count = natural if forced is None else (lambda device, grid_mn, k_tiles, s=forced: s)
-        ra._gemm_plan_cached.cache_clear()
+        plans._split_count = natural if forced is None else (lambda device, grid_mn, k_tiles, s=forced: s)
+        plans._gemm_plan_cached.cache_clear()
         for pattern in patterns:
             for dtype in dtypes:
                 case = make_case(pattern, n=n, d_in=d_in, d_out=d_out, dtype=dtype, seed=n, with_out=True,
@@ -60,8 +60,8 @@ def check_op() -> None:
                 assert_match(got, run(rank_activation_torch, case32), tol, f"{pattern} {dtype} n={n} split={forced}")
                 print(f"ok op {pattern:20s} {str(dtype):15s} n={n} d={d_in}->{d_out}"
                       f"{f', every reduction split {forced} ways' if forced else ''}", flush=True)
-    ra._split_count = natural
-    ra._gemm_plan_cached.cache_clear()
+    plans._split_count = natural
+    plans._gemm_plan_cached.cache_clear()
     # A caller-supplied h (LoRA-Mixer and X-LoRA stack A with the router GEMM): gradients reach h.
     for pattern in ("experts_8x16_top2",) if SMOKE else ("experts_8x16_top2", "smora_r64_k8"):
         n, d_in, d_out = (40, 30, 20) if SMOKE else (777, 256, 384)

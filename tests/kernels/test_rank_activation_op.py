@@ -15,6 +15,7 @@ import collections
 import pytest
 import torch
 
+from moelora.kernels import launchers, plans
 from moelora.kernels import rank_activation as ra
 from moelora.kernels.rank_activation import rank_activation_triton
 from moelora.ops import rank_activation_torch
@@ -28,23 +29,23 @@ assert ra.INTERPRET, "tests/kernels/conftest.py must set TRITON_INTERPRET before
 def splits(monkeypatch):
     """Force how many slices every splittable reduction gets (1: none), as a GPU would for short or long ones."""
     def force(n):
-        monkeypatch.setattr(ra, "_split_count", lambda device, grid_mn, k_tiles: n)
-        ra._gemm_plan_cached.cache_clear()
+        monkeypatch.setattr(plans, "_split_count", lambda device, grid_mn, k_tiles: n)
+        plans._gemm_plan_cached.cache_clear()
     yield force
-    ra._gemm_plan_cached.cache_clear()
+    plans._gemm_plan_cached.cache_clear()
 
 
 @pytest.fixture
 def launches(monkeypatch):
     """Counts Triton launches by kernel name (and still runs them)."""
     counts = collections.Counter()
-    real = ra._launch
+    real = launchers._launch
 
     def counting(kernel, grid, *args, **meta):
         counts[kernel.fn.__name__] += 1
         real(kernel, grid, *args, **meta)
 
-    monkeypatch.setattr(ra, "_launch", counting)
+    monkeypatch.setattr(launchers, "_launch", counting)
     return counts
 
 
@@ -134,11 +135,11 @@ def test_plain_lora_runs_no_routing_kernel(splits, launches):
 
 
 def test_launch_plans_are_cached_per_shape():
-    ra._gemm_plan_cached.cache_clear()
+    plans._gemm_plan_cached.cache_clear()
     case = make_case("smora_r64_k8", n=40)
     for _ in range(2):
         run(rank_activation_triton, case)
-    info = ra._gemm_plan_cached.cache_info()
+    info = plans._gemm_plan_cached.cache_info()
     # shrink, expand | dH_g, dB, dX, dA: each planned once; dH_g's plan is also read to decide the epilogue
     assert info.misses == 6 and info.hits == 8, info
 

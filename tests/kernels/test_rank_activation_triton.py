@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+from moelora.kernels import launchers
 from moelora.kernels import rank_activation as ra
 from moelora.kernels.rank_activation import GPU_TILES, rank_activation_triton
 from moelora.ops import rank_activation_loop, rank_activation_torch
@@ -153,7 +154,7 @@ def test_split_reduction_matches_torch():
     """Weight gradients reduce over tokens in slices summed by torch (no atomics): check the split."""
     a, b = torch.randn(300, 40), torch.randn(300, 70)
     t = ra.tiles_for("grad_a")
-    got = ra._matmul(a.t(), b, alpha=0.5, tiles=t, split=True)  # 5 slices of 64 tokens
+    got = launchers._matmul(a.t(), b, alpha=0.5, tiles=t, split=True)  # 5 slices of 64 tokens
     torch.testing.assert_close(got, 0.5 * a.t() @ b, rtol=1e-5, atol=1e-4)
 
 
@@ -217,10 +218,11 @@ os.environ.pop("TRITON_INTERPRET", None)
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from moelora.kernels import launchers, plans
 from moelora.kernels import rank_activation as ra
 assert not ra.INTERPRET
 calls = []
-ra._launch = lambda kernel, grid, *args, **kw: calls.append((kernel, args, kw))  # record instead of running
+launchers._launch = lambda kernel, grid, *args, **kw: calls.append((kernel, args, kw))  # record instead of running
 ra._check = lambda *args: None  # CPU tensors without the interpreter are refused otherwise
 PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64"}
 def source(fn, args, kw):  # the signature the JIT would build: 1 -> constexpr, multiples of 16 aligned
@@ -242,8 +244,8 @@ def source(fn, args, kw):  # the signature the JIT would build: 1 -> constexpr, 
 n, d = 256, 128
 for dtype in (torch.bfloat16, torch.float32):
     for split in (True, False):  # unsplit: the shrink's routing epilogue; split: the partial sums
-        ra._split_count = (lambda device, grid_mn, k_tiles: 2) if split else (lambda device, grid_mn, k_tiles: 1)
-        ra._gemm_plan_cached.cache_clear()
+        plans._split_count = (lambda device, grid_mn, k_tiles: 2) if split else (lambda device, grid_mn, k_tiles: 1)
+        plans._gemm_plan_cached.cache_clear()
         for e, b, k, sep in ((64, 1, 8, False), (8, 16, 2, True), (8, 16, 0, False), (4, 16, None, False)):
             x, A, B = (torch.randn(*s, dtype=dtype, requires_grad=True) for s in ((n, d), (e * b, d), (d, e * b)))
             ia = torch.randint(0, e, (n, k)) if k else None
