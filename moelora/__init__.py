@@ -11,11 +11,12 @@ from .errors import BaseModelError, CheckpointError, ConfigError, DataError, Moe
 from . import methods as _methods  # noqa: E402  (imports and registers every method module)
 from .methods import *  # noqa: E402,F401,F403  (each method's config, layer and model classes, e.g. SMoRAConfig)
 from .model import MoELoRAModel, get_moelora_model, load  # noqa: E402
+from .generation import generate_answers  # noqa: E402  (greedy answers to chat prompts, text or with media)
 from .ops import rank_activation  # noqa: E402
 from .registry import METHODS, config_from_dict, get_method, register_method  # noqa: E402
 
 __all__ = [
     "__version__", "MoeloraError", "ConfigError", "DataError", "CheckpointError", "BaseModelError",
-    "MoELoRAModel", "get_moelora_model", "load", "rank_activation",
+    "MoELoRAModel", "get_moelora_model", "load", "generate_answers", "rank_activation",
     "METHODS", "config_from_dict", "get_method", "register_method", *_methods.__all__,
 ]

@@ -2,7 +2,8 @@
 
 ``model`` may be any object with a Hugging Face style ``generate(input_ids, attention_mask, ...)``
 (a plain HF model or moelora's wrapper). Prompts are built exactly as in training
-(:mod:`moelora.data.formatting`), left-padded, and batched in order of length to minimise padding.
+(:mod:`moelora.data.formatting`), left-padded, and batched in order of length to minimise padding, by
+:func:`moelora.generation.generate_answers` (the model cards' usage snippets call the same function).
 """
 
 from __future__ import annotations
@@ -13,23 +14,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from moelora.data.formatting import Collator, encode_examples, end_of_turn_token, split_prompt_response
-from moelora.data.media import encode_prompts
+from moelora.data.formatting import Collator, encode_examples, split_prompt_response
 from moelora.errors import DataError
-
-
-def _stop_ids(tokenizer) -> set[int]:
-    ids = {tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))}
-    for tid in (tokenizer.eos_token_id, tokenizer.pad_token_id):
-        if tid is not None:
-            ids.add(int(tid))
-    return ids
-
-
-def _decode_answer(tokenizer, new_ids: Sequence[int], stop: set[int]) -> str:
-    # Cut at the first end-of-turn/eos/pad: anything after is not the answer (or is padding).
-    cut = next((i for i, t in enumerate(new_ids) if t in stop), len(new_ids))
-    return tokenizer.decode(list(new_ids[:cut]), skip_special_tokens=True).strip()
+from moelora.generation import device_of as _device_of
+from moelora.generation import generate_answers
 
 
 def evaluate_exact_match(
@@ -42,57 +30,8 @@ def evaluate_exact_match(
     """
     if not examples:
         raise DataError("evaluate_exact_match got no examples")
-    if batch_size < 1:
-        raise DataError(f"batch_size must be >= 1, got {batch_size}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise DataError(f"tokenizer '{tokenizer.name_or_path}' has neither a pad nor an eos token")
     pairs = [split_prompt_response(tokenizer, ex) for ex in examples]
-    # Images/audio become placeholder runs sized by the model's encoders; text prompts tokenize as always.
-    prompt_ids, media = encode_prompts(tokenizer, examples, getattr(model, "media_tokens", None))
-    order = sorted(range(len(examples)), key=lambda i: len(prompt_ids[i]))
-    stop = _stop_ids(tokenizer)
-    device = _device_of(model)
-
-    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc="eval (exact match)", unit="batch", leave=False)
-    answers: list[str] = [""] * len(examples)
-    # Methods that route by task label (LoRA-Mixer's stage 1) get each prompt's label, as in training.
-    task_labels = getattr(getattr(model, "method_config", None), "task_labels", None)
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
-        with torch.no_grad():
-            for idx in batches:
-                width = max(len(prompt_ids[i]) for i in idx)
-                input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):  # left padding: generation continues from the last column
-                    k = len(prompt_ids[i])
-                    input_ids[row, width - k :] = torch.as_tensor(prompt_ids[i], dtype=torch.long)
-                    attention_mask[row, width - k :] = 1
-                labels = task_labels([examples[i].get("task") for i in idx]) if task_labels else None
-                routing = {"sample_labels": torch.tensor(labels, device=device)} if labels is not None else {}
-                out = model.generate(
-                    **routing,
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=pad_id,
-                    **(media.batch(idx, width) if media is not None else {}),
-                )
-                seqs = out.sequences if hasattr(out, "sequences") else out
-                new = seqs[:, width:].tolist()  # generate returns prompt + new tokens
-                for row, i in enumerate(idx):
-                    answers[i] = _decode_answer(tokenizer, new[row], stop)
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train()
+    answers = generate_answers(model, tokenizer, examples, max_new_tokens, batch_size, progress)
 
     hits: dict[str, list[int]] = {}
     predictions = []
@@ -175,16 +114,6 @@ def _last_user_text(ex: dict) -> str:
     msgs = ex.get("messages") or []
     users = [m.get("content", "") for m in msgs if m.get("role") == "user"]
     return users[-1] if users else ""
-
-
-def _device_of(model) -> torch.device:
-    dev = getattr(model, "device", None)
-    if isinstance(dev, torch.device):
-        return dev
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration, TypeError):
-        return torch.device("cpu")
 
 
 def format_results_table(results_by_name: dict[str, dict]) -> str:
