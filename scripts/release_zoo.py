@@ -378,7 +378,8 @@ On {SUITE_TEXT[info['suite']]}; greedy decoding, up to {settings['max_new_tokens
 **Seeds: every number here comes from {seeds_phrase(train_seeds)} of training** (initialisation and data
 order, `seed` in the configuration below) **and {seeds_phrase(eval_seeds)} of the held-out split** ({n_eval} examples
 per task). One example is {100 / n_eval:.1f} points of a task, and differences under ~5 points in an average are
-within noise (another seed or a code change moves an average that much): compare checkpoints by larger gaps only.
+within noise: the seed-to-seed spread is not measured yet, and re-running the top-level README's default
+command on later code moved its average by 4.9 points. Compare checkpoints by larger gaps only.
 
 | task | examples | base model | {name} |
 |---|---:|---:|---:|
