@@ -8,7 +8,7 @@ and the epilogues that spare a launch (ADD: the base output; GATE: elementwise r
 import triton
 import triton.language as tl
 
-from .jit_tiles import _gate_tile, _to_compute
+from .jit_tiles import _gate_tile, _tile_matmul
 
 
 @triton.jit
@@ -34,16 +34,8 @@ def _matmul_kernel(
     m_mask, n_mask = offs_m < M, offs_n < N
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        k_mask = offs_k < k_hi
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        # Casting after the load is also the interpreter's bf16 workaround (COMPUTE is fp32 there).
-        acc = tl.dot(_to_compute(a, COMPUTE), _to_compute(b, COMPUTE), acc, input_precision=PRECISION)
+    acc = _tile_matmul(a_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, k_lo, k_hi, stride_am, stride_ak, stride_bk,
+                       stride_bn, COMPUTE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     acc = acc * alpha
     mask = m_mask[:, None] & n_mask[None, :]
     if ADD:
@@ -74,15 +66,8 @@ def _grad_hg_kernel(
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     m_mask, n_mask = offs_m < M, offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        k_mask = offs_k < K
-        a = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_k[None, :] * stride_dyk,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(_to_compute(a, COMPUTE), _to_compute(b, COMPUTE), acc, input_precision=PRECISION)
+    acc = _tile_matmul(dy_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, 0, K, stride_dym, stride_dyk, stride_bk,
+                       stride_bn, COMPUTE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     acc = acc * alpha
     mask = m_mask[:, None] & n_mask[None, :]
     gate = _gate_tile(idx_ptr, g_ptr, stride_idx, stride_g, offs_m, m_mask, offs_n, mask, n_slots, n_blocks, block,

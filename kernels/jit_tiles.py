@@ -1,7 +1,7 @@
 """Tile-level `@triton.jit` helpers shared by the kernels of jit_gemm.py and jit_routing.py (inlined by Triton).
 
-Each works on one [BLOCK_M, BLOCK_N] register tile: the cast to the dot dtype, a split-K partial sum and
-the per-rank gate of elementwise routing.
+Each works on one [BLOCK_M, BLOCK_N] register tile: the cast to the dot dtype, the K loop of a tile matmul
+(every GEMM kernel's), a split-K partial sum and the per-rank gate of elementwise routing.
 """
 
 import triton
@@ -17,6 +17,25 @@ def _to_compute(x, COMPUTE: tl.constexpr):
     else:
         y = x.to(tl.float32)
     return y
+
+
+@triton.jit
+def _tile_matmul(a_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, k_lo, k_hi, stride_am, stride_ak, stride_bk,
+                 stride_bn, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] tile of A[offs_m, k_lo:k_hi] @ B[k_lo:k_hi, offs_n] (masked rows, columns and
+    K beyond k_hi read as 0). Strides make transposes free; operands go to the dot in COMPUTE's dtype."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        k_mask = offs_k < k_hi
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        # Casting after the load is also the interpreter's bf16 workaround (COMPUTE is fp32 there).
+        acc = tl.dot(_to_compute(a, COMPUTE), _to_compute(b, COMPUTE), acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
