@@ -224,10 +224,9 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     skips_in_a_row = 0
     last_step_loss = None  # the LM loss of the latest applied step (this process's share)
     while counters["step"] < max_steps:
-        finite = True
-        loss_finite = True  # the forward's losses (an overflow only in the gradients is loss scaling's business)
         loss_before = window["loss"]
         micro_batches = []
+        supervised = 0  # response tokens of the step's micro-batches (this process)
         for _ in range(g):
             batch = collate([train_set[i] for i in order.indices(counters["micro_step"] + len(micro_batches))])
             labels = core.method_config.task_labels(batch.pop("tasks"))  # for methods routed by task label
@@ -236,35 +235,51 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
             check_token_ids(batch["input_ids"], vocab)  # on the host batch: no device sync, nothing in a compiled graph
             if cfg.logits_on_supervised_only:  # the LM head runs only where the loss reads (same loss)
                 batch["supervised_positions"] = supervised_positions(batch["labels"])
+            # Counted on the host batch: the same count of the device copy would make the host wait for the GPU.
+            supervised += int((batch["labels"][:, 1:] != -100).sum())
+            window["tokens"] += int(batch["attention_mask"].sum())
             micro_batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
         # The loss is a mean over every response token of the optimizer step, on all processes: then
         # 2 processes x batch b, 1 process x batch 2b and accumulation all give the same gradient.
-        step_tokens = accelerator.reduce(
-            torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches), device=accelerator.device),
-            "sum").clamp(min=1)
+        step_tokens = accelerator.reduce(torch.tensor(supervised, device=accelerator.device), "sum").clamp(min=1)
+        # The forward's losses stay on the device until the step's one host read below (reading them per
+        # micro-batch would stop the host once per micro-batch on a GPU). loss_ok: the forward's losses are
+        # finite (an overflow only in the gradients is loss scaling's business).
+        loss_ok = torch.ones((), dtype=torch.bool, device=accelerator.device)
+        lms, auxes = [], []
         for batch in micro_batches:
             with accelerator.accumulate(model):
                 out = model(**batch, num_items_in_batch=step_tokens)
                 aux = out["aux_loss"] if "aux_loss" in out else 0.0  # router losses (e.g. LoRA-Mixer's SBL)
                 lm = out.loss - aux  # this micro-batch's share of the step's token-mean LM loss
-                loss_finite = loss_finite and bool(torch.isfinite(out.loss))
-                finite = finite and loss_finite
+                loss_ok = loss_ok & torch.isfinite(out.loss.detach())
                 # accelerate divides by g and DDP/DeepSpeed average over processes: undo both for the sum.
                 accelerator.backward(lm * (world * g) + aux)
             counters["micro_step"] += 1
-            window["loss"] += float(lm.detach())
-            window["aux"] += float(aux.detach()) if torch.is_tensor(aux) else float(aux)
+            lms.append(lm.detach().float())
+            if torch.is_tensor(aux):
+                auxes.append(aux.detach().float())
+            else:
+                window["aux"] += float(aux)
             window["n"] += 1
-            window["tokens"] += int(batch["attention_mask"].sum())
         window["steps"] += 1
         # The gradient norm (clipped or not) also tells whether any gradient is non-finite; it is read
-        # together with the previous update's weight check: one host read per step for both.
+        # together with the previous update's weight check and this step's losses: one host read per step.
         norm = accelerator.clip_grad_norm_(core.trainable_parameters(), cfg.max_grad_norm or float("inf"))
-        grad_ok = torch.isfinite(torch.as_tensor(norm, device=accelerator.device)) if norm is not None else torch.ones_like(weights_ok)
-        flags = torch.stack([grad_ok.float() * float(finite), weights_ok.float()])
+        norm = torch.as_tensor(norm, device=accelerator.device) if norm is not None else None
+        grad_ok = torch.isfinite(norm) if norm is not None else torch.ones_like(weights_ok)
+        flags = torch.stack([grad_ok.float() * loss_ok.float(), weights_ok.float()])
         if world > 1:
             flags = accelerator.reduce(flags, "sum")  # every process takes the same decision
-        finite, weights_were_ok = (v == world for v in flags.tolist())
+        step_norm = norm.float() if norm is not None else flags.new_zeros(())
+        read = torch.cat([flags, torch.stack([loss_ok.float(), step_norm] + lms + auxes)]).tolist()
+        finite, weights_were_ok = (v == world for v in read[:2])
+        loss_finite = read[2] == 1.0  # this process's forward losses
+        step_norm = read[3] if norm is not None else None
+        for v in read[4:4 + len(lms)]:  # summed in micro-batch order, as each was read before
+            window["loss"] += v
+        for v in read[4 + len(lms):]:
+            window["aux"] += v
         if not weights_were_ok:  # skipping cannot help: the weights themselves are lost
             bar.close()
             raise non_finite_error(cfg, counters["step"], output_dir, weights=True)
@@ -300,8 +315,8 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
             record = {"loss": loss_mean, "lr": scheduler.get_last_lr()[0], "epoch": order.epoch_of(counters["micro_step"]),
                       "tokens_per_s": window["tokens"] * accelerator.num_processes / elapsed,
                       "skipped_steps": counters["skipped_steps"], **summarise_router_stats(stats)}
-            if norm is not None:  # the latest step's total gradient norm before clipping (as Trainer logs it)
-                record["grad_norm"] = float(norm)
+            if step_norm is not None:  # the latest step's total gradient norm before clipping (as Trainer logs it)
+                record["grad_norm"] = step_norm
             health = router_health(stats, cfg.router_collapse_entropy)
             if health["collapsed"]:
                 record["router/collapsed_layers"] = health["collapsed"]

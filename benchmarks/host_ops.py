@@ -2,6 +2,7 @@
 
     python benchmarks/host_ops.py                                # every case, SmolLM2-135M shape, 1 x 64 tokens
     python benchmarks/host_ops.py --cases smora64_8 peft_lora64 --base tiny-random-llama
+    python benchmarks/host_ops.py --train-loop --accum 4                # train.py's own loop, per optimizer step
 
 On a GPU a small model's step is bound by the host issuing kernels (benchmarks/RESULTS.md §5), and worse
 still by host syncs: an op whose result the host must read (`.item()`, `bool(t)`, `torch.equal`, boolean-mask
@@ -72,6 +73,49 @@ def _caller() -> str:
     return "?"
 
 
+TRAIN_LOOP_ARGS = [  # a tiny SMoRA run of train.py: no evaluation, no checkpoints, metrics only at the last step
+    "base_model=tiny-random-llama", "data.tasks=[add, reverse_word]", "data.n_train_per_task=64",
+    "data.n_eval_per_task=0", "eval_before_training=false", "eval_strategy=no", "data.max_length=64",
+    "per_device_train_batch_size=2", "report_to=[jsonl]", "logging_steps=1000000",
+    "method={name: smora, r: 8, k: 2, alpha: 4}",
+]
+
+
+def train_loop_syncs(script: Path, steps: int, accum: int) -> tuple[collections.Counter, int]:
+    """Host syncs of one optimizer step of `script`'s loop (train.py, or an older copy of it), by the source
+    line that issued each, and the micro-batches per step: the counts of a run of 2*steps steps less those of
+    a run of `steps` steps (setup, the last step's metrics and the final save cancel), divided by `steps`."""
+    import importlib.util
+    import tempfile
+
+    spec = importlib.util.spec_from_file_location("train_under_count", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    by_line = []
+    for n in (steps, 2 * steps):
+        out = Path(tempfile.mkdtemp(prefix="host-ops-train-"))
+        with HostOpCounter(trace=True) as counter:
+            module.main([*TRAIN_LOOP_ARGS, f"max_steps={n}", f"gradient_accumulation_steps={accum}",
+                         f"output_dir={out}"])
+        by_line.append(collections.Counter({where: k for where_by_op in counter.where.values()
+                                            for where, k in where_by_op.items()}))
+    per_step = by_line[1]
+    per_step.subtract(by_line[0])
+    return collections.Counter({w: k / steps for w, k in per_step.items() if k}), accum
+
+
+def main_train_loop(args):
+    scripts = [Path(args.train_script)] + ([Path(args.compare)] if args.compare else [])
+    print(f"# host syncs per optimizer step of a training script's loop ({args.accum} micro-batches per step; "
+          "tiny-random-llama SMoRA on CPU, where every scalar read is counted: those of the host batch wait for no GPU)")
+    print("| script | host syncs per step | by source line |")
+    print("|---|---:|---|")
+    for script in scripts:
+        per_step, _ = train_loop_syncs(script, args.steps, args.accum)
+        lines = ", ".join(f"{w}: {k:g}" for w, k in sorted(per_step.items(), key=lambda kv: -kv[1]))
+        print(f"| {script.name} | {sum(per_step.values()):g} | {lines} |", flush=True)
+
+
 def main(argv=None):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -85,7 +129,16 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--trace", action="store_true", help="print where each kind of sync comes from")
+    p.add_argument("--train-loop", action="store_true",
+                   help="count train.py's training loop instead (whole optimizer steps, by source line)")
+    p.add_argument("--train-script", default=str(Path(__file__).resolve().parents[1] / "train.py"),
+                   help="with --train-loop: the script to count")
+    p.add_argument("--compare", default=None, help="with --train-loop: a second script (e.g. an older train.py)")
+    p.add_argument("--accum", type=int, default=4, help="with --train-loop: gradient_accumulation_steps")
+    p.add_argument("--steps", type=int, default=2, help="with --train-loop: steps counted (runs of N and 2N)")
     args = p.parse_args(argv)
+    if args.train_loop:
+        return main_train_loop(args)
     workdir = Path(tempfile.mkdtemp(prefix="host-ops-"))
     names = sorted(args.cases, key=lambda n: n != "peft_xlora")
     head = None
