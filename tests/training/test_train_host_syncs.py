@@ -1,0 +1,20 @@
+"""train.py's micro-batch loop makes the host wait for nothing: the loss checks and the losses are read once per
+optimizer step, with the step's flags (on a GPU each read per micro-batch stopped the host until the queue drained)."""
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from host_ops import train_loop_syncs  # noqa: E402
+
+
+def test_the_loop_reads_only_the_host_batch_per_micro_batch():
+    per_step, accum = train_loop_syncs(REPO / "train.py", steps=1, accum=3)
+    lines = REPO.joinpath("train.py").read_text().splitlines()
+    own = {where: n for where, n in per_step.items() if where.startswith("train.py:")}
+    # What is left per micro-batch: its response-token and attention-mask counts, taken on the host batch before
+    # it moves to the device (CPU tensors: no GPU wait). The step's one flags read is a tolist, not counted here.
+    read = {lines[int(where.split(":")[1]) - 1].strip(): n for where, n in own.items()}
+    assert sum(own.values()) == 2 * accum, read
+    assert all("batch[" in text and "micro_batches" not in text for text in read), read
