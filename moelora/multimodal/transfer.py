@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import first_non_finite, load_tensors, read_json
+from ..adapter_folder import CONFIG_NAME, WEIGHTS_NAME, is_moelora_folder, read_moelora_folder
+from ..checkpoint import first_non_finite, load_tensors
 from ..errors import ConfigError
 from .model import saved_encoder_config
 
-CONFIG_NAME, WEIGHTS_NAME, ENCODERS_NAME = "moelora_config.json", "adapter_model.safetensors", "encoders.safetensors"
+ENCODERS_NAME = "encoders.safetensors"  # modality routing's own encoder file
 
 
 def adapter_folder(folder: str, key: str) -> Path:
@@ -26,7 +27,7 @@ def adapter_folder(folder: str, key: str) -> Path:
     if not root.is_dir():
         raise ConfigError(key, f"folder not found: {folder}")
     for candidate in (root / "adapter", root):
-        if (candidate / CONFIG_NAME).is_file():
+        if is_moelora_folder(candidate):
             return candidate
     raise ConfigError(key, f"{folder} holds no moelora adapter ({CONFIG_NAME}, or adapter/{CONFIG_NAME})")
 
@@ -44,7 +45,7 @@ def matching_adapter_folder(folder: str, encoder_config, key: str = "init_encode
     """The adapter folder of `folder`, checked to hold encoders of exactly `encoder_config` (JSON only: cheap,
     so train.py checks it before loading the base model)."""
     adapter = adapter_folder(folder, key)
-    meta = read_json(adapter / CONFIG_NAME, "adapter config")
+    meta = read_moelora_folder(adapter, what=f"{key} adapter").meta
     if not isinstance(meta.get("encoders"), dict):
         raise ConfigError(key, f"{adapter} has no image/audio encoders (a text-only run?)")
     theirs, _ = saved_encoder_config(meta)
