@@ -44,7 +44,9 @@ def test_training_forward_has_no_graph_break(method, batch):
     model = _model(method)
     inputs = _batch(method, model, batch)
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(model)(**inputs, labels=inputs["input_ids"])
+    # The whole call, hooks included, as `model.compile()` (train.py) traces it: a multimodal model's media
+    # arrive through a forward pre-hook, which `torch.compile(model)` would trace as a graph of its own.
+    explained = torch._dynamo.explain(lambda **kw: model(**kw))(**inputs, labels=inputs["input_ids"])
     assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
     assert explained.graph_count == 1
 
@@ -79,8 +81,10 @@ def test_compiled_step_equals_eager(method, checkpointing, batch):
         for p in m.trainable_parameters():
             p.grad = None
     _assert_same(_step(model, inputs, compiled), _step(eager_model, inputs, eager_model))
-    # one graph for both steps: nothing that changes per step (a counter on a module) is baked into the trace
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    # one graph for both steps: nothing that changes per step (a counter on a module) is baked into the trace.
+    # A model with encoders has two: dynamo traces the encoders' forward pre-hook (media -> inputs_embeds) as a
+    # frame of its own before the forward (known limit, README "torch.compile").
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == (2 if "encoders" in model._modules else 1)
 
 
 def test_smora_router_update_after_compiled_steps_equals_eager(batch):

@@ -114,19 +114,19 @@ class ModalityLoRALayer(AdapterLayer):
 
 class VisionSpeechAudioEncoder(AudioEncoder):
     """The audio encoder with Phi-4's second projector: audio of an image+audio sample goes through
-    `proj_vision_speech`, all other audio through `proj`. `with_image` ([n_items] bool) is set per batch by
-    the model. Both projectors always run (a `where`, no host read), so every parameter is in every graph."""
+    `proj_vision_speech`, all other audio through `proj`. `with_image` ([n_items] bool) comes with each call
+    from `MediaEncoders`. Both projectors always run (a `where`, no host read), so every parameter is in every
+    graph."""
+
+    projects_with_image = True  # MediaEncoders passes `with_image`
 
     def __init__(self, cfg, hidden: int, embed_std: float):
         super().__init__(cfg, hidden, embed_std)
         self.proj_vision_speech = projector(cfg.audio_width, hidden, embed_std)
-        self.with_image: torch.Tensor | None = None
 
-    def forward(self, mels: torch.Tensor) -> torch.Tensor:
-        if mels.dim() != 3 or mels.shape[1] != self.cfg.n_mels:
-            raise DataError(f"audio features must be [n, {self.cfg.n_mels}, frames], got {list(mels.shape)}")
-        feats = self.conv(mels).transpose(1, 2)
-        flags = self.with_image
+    def forward(self, mels: torch.Tensor, with_image: torch.Tensor | None = None) -> torch.Tensor:
+        feats = self.features(mels)
+        flags = with_image
         if flags is None or flags.shape[0] != mels.shape[0]:  # a blank input (every encoder runs): speech
             flags = torch.zeros(mels.shape[0], dtype=torch.bool, device=mels.device)
         return torch.where(flags.view(-1, 1, 1), self.proj_vision_speech(feats), self.proj(feats))

@@ -137,11 +137,15 @@ class AudioEncoder(nn.Module):
         ], w)
         self.proj = projector(w, hidden, embed_std)
 
-    def forward(self, mels: torch.Tensor) -> torch.Tensor:
-        """[n, n_mels, frames] -> [n, audio_tokens, hidden]."""
+    def features(self, mels: torch.Tensor) -> torch.Tensor:
+        """[n, n_mels, frames] -> [n, audio_tokens, width]: what the projector(s) read."""
         if mels.dim() != 3 or mels.shape[1] != self.cfg.n_mels:
             raise DataError(f"audio features must be [n, {self.cfg.n_mels}, frames], got {list(mels.shape)}")
-        return self.proj(self.norm(self.conv(mels).transpose(1, 2)))
+        return self.norm(self.conv(mels).transpose(1, 2))
+
+    def forward(self, mels: torch.Tensor) -> torch.Tensor:
+        """[n, n_mels, frames] -> [n, audio_tokens, hidden]."""
+        return self.proj(self.features(mels))
 
 
 PARTS = ("encoders", "projectors")  # what freeze_* and *_learning_rate name (besides the adapters)

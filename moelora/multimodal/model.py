@@ -106,25 +106,21 @@ class MediaEncoders(nn.Module):
                 run_every_encoder: bool = False) -> torch.Tensor:
         """`emb` (token embeddings [B, T, d]) with every placeholder run replaced by its item's encoded tokens."""
         media_mask = media_mask.to(emb.device)
-        if audio is not None and hasattr(self.audio, "with_image"):  # an audio encoder that projects image+audio
-            # samples' audio apart (Phi-4's vision-speech projector): which clips share their row with an image.
-            # Items come in row order: each row's audio positions / tokens per clip; no host read.
+        audio_args = {}
+        if audio is not None and getattr(self.audio, "projects_with_image", False):
+            # An audio encoder that projects image+audio samples' audio apart (Phi-4's vision-speech projector)
+            # is told which clips share their row with an image. Items come in row order: each row's audio
+            # positions / tokens per clip; no host read. An argument, not module state: a compiled graph
+            # would guard on (and re-trace for) an attribute set per call.
             per_row = (media_mask == _AUDIO).sum(1) // self.media_tokens["audio"]
-            self.audio.with_image = torch.repeat_interleave((media_mask == _IMAGE).any(1), per_row,
-                                                            output_size=audio.shape[0])
-        try:
-            return self._replace_placeholders(emb, media_mask, images, audio, run_every_encoder)
-        finally:
-            if hasattr(self.audio, "with_image"):
-                self.audio.with_image = None
-
-    def _replace_placeholders(self, emb, media_mask, images, audio, run_every_encoder: bool) -> torch.Tensor:
+            audio_args["with_image"] = torch.repeat_interleave((media_mask == _IMAGE).any(1), per_row,
+                                                               output_size=audio.shape[0])
         for kind, items, encoder in ((_IMAGE, images, self.image), (_AUDIO, audio, self.audio)):
             where = media_mask == kind
             n_items = 0 if items is None else items.shape[0]
             dtype = next(encoder.parameters()).dtype
             if n_items:
-                feats = encoder(items.to(device=emb.device, dtype=dtype))
+                feats = encoder(items.to(device=emb.device, dtype=dtype), **(audio_args if kind == _AUDIO else {}))
                 emb = emb.masked_scatter(where.unsqueeze(-1).expand_as(emb), feats.to(emb.dtype))
             elif run_every_encoder:
                 blank = self.blank_input("image" if kind == _IMAGE else "audio", device=emb.device, dtype=dtype)
