@@ -54,11 +54,7 @@ def items(examples, task):
 @torch.no_grad()
 def stages(encoder, x):
     """(features flattened, projected tokens [n, k, d]) of one of our conv encoders, as its forward runs."""
-    if x.dim() == 4 and getattr(encoder.cfg, "feature_norm", False):
-        x = x * 2 - 1
-    feats = encoder.conv(x)
-    feats = feats.flatten(2).transpose(1, 2) if feats.dim() == 4 else feats.transpose(1, 2)
-    feats = getattr(encoder, "norm", torch.nn.Identity())(feats)
+    feats = encoder.features(x)
     return feats.flatten(1).numpy(), encoder.proj(feats)
 
 

@@ -115,13 +115,17 @@ class ImageEncoder(nn.Module):
         ], w)
         self.proj = projector(w, hidden, embed_std)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """[n, C, H, W] -> [n, grid², hidden]."""
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """[n, C, H, W] -> [n, grid², width]: what the projector reads."""
         if images.dim() != 4 or images.shape[1] != self.cfg.image_channels:
             raise DataError(f"images must be [n, {self.cfg.image_channels}, H, W], got {list(images.shape)}")
         if self.cfg.feature_norm:
             images = images * 2 - 1  # [0, 1] -> [-1, 1]: zero-centred, as SigLIP normalises
-        return self.proj(self.norm(self.conv(images).flatten(2).transpose(1, 2)))
+        return self.norm(self.conv(images).flatten(2).transpose(1, 2))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[n, C, H, W] -> [n, grid², hidden]."""
+        return self.proj(self.features(images))
 
 
 class AudioEncoder(nn.Module):
