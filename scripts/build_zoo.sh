@@ -4,6 +4,7 @@
 #
 #   scripts/build_zoo.sh              # everything (~75 min on 2 CPU cores); finished runs are skipped
 #   ONLY="lora-8 smora-64-8" scripts/build_zoo.sh
+#   SEED=43 RUNS=runs/seeds/43 ONLY="lora-8" scripts/build_zoo.sh   # another seed (scripts/seed_runs.sh)
 #
 # Sizes: a released adapter must stay <= ~10 MB, so the rank-64 checkpoints adapt q_proj and v_proj only
 # (64 x (576+576 + 576+192) x 30 layers = 3.7M weights = 7.4 MB in bf16), and every adapter is stored in
@@ -14,7 +15,8 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/zoo}
 ONLY=${ONLY:-}
 LAUNCH=${LAUNCH:-accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no}
-COMMON="save_dtype=bfloat16 eval_before_training=false eval_strategy=no overwrite_output_dir=true"
+SEED=${SEED:-42}  # data generation, order and adapter init (the released zoo: 42)
+COMMON="save_dtype=bfloat16 eval_before_training=false eval_strategy=no overwrite_output_dir=true seed=$SEED"
 
 want() { [[ -z "$ONLY" || " $ONLY " == *" $1 "* ]]; }
 train() {  # name, then train.py arguments; skipped when the run already saved its adapter

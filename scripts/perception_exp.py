@@ -106,7 +106,8 @@ def main():
     r = evaluate_exact_match(model, tok, evals, batch_size=64, max_new_tokens=6, progress=False)
     print("FINAL", json.dumps(r["per_task"]), "avg", r["average"], "time", round(time.time() - t0), flush=True)
     if a.out:
-        Path(a.out).write_text(json.dumps({"args": vars(a), "log": log, "final": r["per_task"]}, indent=1))
+        Path(a.out).write_text(json.dumps({"args": vars(a), "log": log, "final": r["per_task"],
+                                           "predictions": r["predictions"]}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Train and score the zoo's headline runs under several seeds (issue 18: comparisons with a spread).
+# Each seed's runs go to runs/seeds/<seed>/<name> (build_zoo.sh's commands, with seed=<seed>), and evaluate.py
+# scores each on the held-out split of its own seed (the split depends on the seed; the methods of one seed
+# share their training data, order and held-out examples, so differences within a seed are paired).
+#
+#   SEEDS="42 43 44" ONLY="lora-8 smora-64-8 lora-64" scripts/seed_runs.sh
+#   python scripts/seed_table.py runs/seeds          # mean ± spread per method and task
+#
+# Finished runs (an adapter and results.json in place) are skipped, so the queue can be stopped and resumed.
+# One run at a time; OMP_NUM_THREADS=1 lets it share the 2 cores with other work.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SEEDS=${SEEDS:-42 43 44}
+ONLY=${ONLY:-lora-8 smora-64-8 lora-64}
+PY=${PY:-.venv/bin/python}
+for seed in $SEEDS; do
+  for name in $ONLY; do
+    run="runs/seeds/$seed/$name"
+    if [[ -f "$run/eval/$name/results.json" ]]; then echo "== seed $seed $name: done"; continue; fi
+    SEED=$seed RUNS="runs/seeds/$seed" ONLY="$name" LAUNCH="$PY" scripts/build_zoo.sh
+    $PY evaluate.py --checkpoint "$run/adapter" --no-base --no-plots --seed "$seed" --out "$run/eval.tmp"
+    rm -rf "$run/eval" && mv "$run/eval.tmp" "$run/eval"
+  done
+done

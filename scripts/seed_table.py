@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Tables with a spread from the runs of scripts/seed_runs.sh (issue 18).
+
+    python scripts/seed_table.py runs/seeds --baseline lora-8 --out benchmarks/results/seeds_text.md
+
+Reads <root>/<seed>/<name>/eval/<name>/results.json (evaluate.py) and routing.json, and writes:
+  * per method: average exact match over the seeds, mean ± sample standard deviation, and each seed's value;
+  * per task: mean ± sd per method;
+  * paired differences against --baseline (the runs of one seed share data, order and held-out examples), with
+    a verdict that calls a difference only when its mean exceeds its own spread (sd of the per-seed differences)
+    and every seed agrees in sign; otherwise "within spread";
+  * dead ranks/experts: those with zero load on every held-out token of every task (routing.json), per layer
+    on average, for methods that route.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def load_runs(root: Path) -> dict[str, dict[int, dict]]:
+    """{method: {seed: results.json (+ "routing": routing.json or None)}}"""
+    runs: dict[str, dict[int, dict]] = {}
+    for res in sorted(root.glob("*/*/eval/*/results.json")):
+        name, seed = res.parent.name, int(res.parents[3].name)
+        data = json.loads(res.read_text())  # evaluate.py stores fractions; the tables show percent
+        data["average"] *= 100
+        data["per_task"] = {t: v * 100 for t, v in data["per_task"].items()}
+        routing = res.parent / "routing.json"
+        data["routing"] = json.loads(routing.read_text()) if routing.exists() else None
+        runs.setdefault(name, {})[seed] = data
+    return runs
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def fmt(values: list[float]) -> str:
+    m, s = mean_sd(values)
+    return f"{m:.1f} ± {s:.1f}" if len(values) > 1 else f"{m:.1f}"
+
+
+def dead_per_layer(routing: dict | None) -> float | None:
+    """Mean over layers of the experts with zero load on every task's held-out tokens."""
+    if not routing:
+        return None
+    layers: dict[str, list[float]] = {}
+    for per_layer in routing["per_task"].values():
+        for layer, load in per_layer.items():
+            acc = layers.setdefault(layer, [0.0] * len(load))
+            layers[layer] = [a + x for a, x in zip(acc, load)]
+    if not layers:
+        return None
+    return statistics.fmean(sum(1 for x in load if x == 0) for load in layers.values())
+
+
+def verdict(diffs: list[float]) -> str:
+    m, s = mean_sd(diffs)
+    if len(diffs) < 2:
+        return "one seed: no claim"
+    same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+    if same_sign and abs(m) > s:
+        return "higher" if m > 0 else "lower"
+    return "within spread"
+
+
+def tables(runs: dict[str, dict[int, dict]], baseline: str | None) -> str:
+    names = sorted(runs, key=lambda n: (n != baseline, n))
+    lines = ["| method | seeds | average EM, mean ± sd | per seed | dead experts per layer |", "|---|---|---:|---|---:|"]
+    for n in names:
+        seeds = sorted(runs[n])
+        avgs = [runs[n][s]["average"] for s in seeds]
+        dead = [d for d in (dead_per_layer(runs[n][s]["routing"]) for s in seeds) if d is not None]
+        lines.append(f"| {n} | {', '.join(map(str, seeds))} | {fmt(avgs)} | "
+                     f"{', '.join(f'{a:.1f}' for a in avgs)} | {fmt(dead) if dead else '–'} |")
+    out = ["## Average exact match over the held-out split (%)", "", *lines, ""]
+    if baseline in runs:
+        out += [f"## Paired difference against {baseline} (same seed: same data, order and held-out examples)", "",
+                "| method | common seeds | difference, mean ± sd | per seed | verdict |", "|---|---|---:|---|---|"]
+        for n in names:
+            if n == baseline:
+                continue
+            common = sorted(set(runs[n]) & set(runs[baseline]))
+            if not common:
+                continue
+            diffs = [runs[n][s]["average"] - runs[baseline][s]["average"] for s in common]
+            out.append(f"| {n} | {', '.join(map(str, common))} | {fmt(diffs)} | "
+                       f"{', '.join(f'{d:+.1f}' for d in diffs)} | {verdict(diffs)} |")
+        out.append("")
+    tasks = sorted({t for n in names for s in runs[n] for t in runs[n][s]["per_task"]})
+    out += ["## Per task, mean ± sd over the seeds (%)", "", "| task | " + " | ".join(names) + " |",
+            "|---|" + "---:|" * len(names)]
+    for t in tasks:
+        cells = [fmt([runs[n][s]["per_task"][t] for s in sorted(runs[n]) if t in runs[n][s]["per_task"]]) for n in names]
+        out.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("root", type=Path, help="folder of <seed>/<name> runs (scripts/seed_runs.sh's runs/seeds)")
+    p.add_argument("--baseline", default=None, help="method the paired differences are taken against")
+    p.add_argument("--only", nargs="+", default=None, help="methods to include (default: all found)")
+    p.add_argument("--out", type=Path, default=None, help="write the markdown here too")
+    a = p.parse_args()
+    runs = load_runs(a.root)
+    if a.only:
+        runs = {n: r for n, r in runs.items() if n in a.only}
+    if not runs:
+        print(f"error: no <seed>/<name>/eval/<name>/results.json under {a.root} (scripts/seed_runs.sh writes them)",
+              file=sys.stderr)
+        raise SystemExit(2)
+    text = tables(runs, a.baseline)
+    print(text)
+    if a.out:
+        a.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""scripts/seed_table.py: mean ± sd over seeds, paired differences and their verdicts, dead experts from
+routing.json — on results folders laid out as scripts/seed_runs.sh writes them."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("seed_table", REPO / "scripts" / "seed_table.py")
+seed_table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(seed_table)
+
+
+def write_run(root: Path, seed: int, name: str, per_task: dict, routing: dict | None = None):
+    folder = root / str(seed) / name / "eval" / name
+    folder.mkdir(parents=True)
+    per_task = {t: v / 100 for t, v in per_task.items()}  # evaluate.py writes fractions
+    avg = sum(per_task.values()) / len(per_task)
+    (folder / "results.json").write_text(json.dumps({"name": name, "per_task": per_task, "average": avg}))
+    if routing is not None:
+        (folder / "routing.json").write_text(json.dumps({"expert_names": None, "per_task": routing}))
+
+
+def test_means_paired_differences_and_verdicts(tmp_path):
+    base = {42: 50.0, 43: 60.0, 44: 55.0}
+    for seed, v in base.items():
+        write_run(tmp_path, seed, "lora-8", {"add": v, "sort": v})
+        write_run(tmp_path, seed, "better", {"add": v + 10, "sort": v + 8})  # +9 in every seed
+        write_run(tmp_path, seed, "noisy", {"add": v + (5 if seed != 43 else -6), "sort": v})
+    runs = seed_table.load_runs(tmp_path)
+    assert sorted(runs) == ["better", "lora-8", "noisy"] and sorted(runs["lora-8"]) == [42, 43, 44]
+    text = seed_table.tables(runs, "lora-8")
+    assert "| lora-8 | 42, 43, 44 | 55.0 ± 5.0 |" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    paired = text.split("## Paired difference")[1].split("## Per task")[0]
+    better = next(line for line in paired.splitlines() if line.startswith("| better"))
+    noisy = next(line for line in paired.splitlines() if line.startswith("| noisy"))
+    assert "| 9.0 ± 0.0 | +9.0, +9.0, +9.0 |" in better and better.rstrip().endswith("| higher |")
+    assert noisy.rstrip().endswith("| within spread |")  # one seed disagrees in sign
+    assert "add" in rows and "sort" in rows
+
+
+def test_verdict_needs_mean_above_its_spread_and_two_seeds():
+    assert seed_table.verdict([3.0, 4.0, 5.0]) == "higher"
+    assert seed_table.verdict([-3.0, -4.0, -5.0]) == "lower"
+    assert seed_table.verdict([0.5, 10.0, 0.5]) == "within spread"  # same sign, but sd 5.5 > mean 3.7
+    assert seed_table.verdict([2.0]) == "one seed: no claim"
+
+
+def test_dead_experts_are_zero_load_on_every_task():
+    routing = {"add": {"l0": [0.5, 0.5, 0.0, 0.0], "l1": [1.0, 0.0, 0.0, 0.0]},
+               "sort": {"l0": [0.5, 0.0, 0.5, 0.0], "l1": [0.5, 0.5, 0.0, 0.0]}}
+    # l0: only rank 3 never used; l1: ranks 2 and 3 -> mean 1.5 per layer
+    assert seed_table.dead_per_layer({"per_task": routing}) == pytest.approx(1.5)
+    assert seed_table.dead_per_layer(None) is None
+
+
+def test_empty_root_is_one_clear_error(tmp_path, capsys):
+    import sys
+
+    argv = sys.argv
+    sys.argv = ["seed_table.py", str(tmp_path)]
+    try:
+        with pytest.raises(SystemExit) as exc:
+            seed_table.main()
+    finally:
+        sys.argv = argv
+    assert exc.value.code == 2
+    assert "no <seed>/<name>/eval/<name>/results.json" in capsys.readouterr().err
