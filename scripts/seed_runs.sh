@@ -7,8 +7,9 @@
 #   SEEDS="42 43 44" ONLY="lora-8 smora-64-8 lora-64" scripts/seed_runs.sh
 #   python scripts/seed_table.py runs/seeds          # mean ± spread per method and task
 #
-# Finished runs (an adapter and results.json in place) are skipped, so the queue can be stopped and resumed.
-# One run at a time; OMP_NUM_THREADS=1 lets it share the 2 cores with other work.
+# Runs already scored (results.json in place) are skipped, and a trained but unscored run is only scored, so the
+# queue can be stopped and resumed. Keep the machine otherwise idle: a second job on the 2 cores slowed a training
+# run ~10x (benchmarks/RESULTS.md §9), so runs go one at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-42 43 44}

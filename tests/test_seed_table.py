@@ -57,15 +57,9 @@ def test_dead_experts_are_zero_load_on_every_task():
     assert seed_table.dead_per_layer(None) is None
 
 
-def test_empty_root_is_one_clear_error(tmp_path, capsys):
-    import sys
-
-    argv = sys.argv
-    sys.argv = ["seed_table.py", str(tmp_path)]
-    try:
-        with pytest.raises(SystemExit) as exc:
-            seed_table.main()
-    finally:
-        sys.argv = argv
+def test_empty_root_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["seed_table.py", str(tmp_path)])
+    with pytest.raises(SystemExit) as exc:
+        seed_table.main()
     assert exc.value.code == 2
     assert "no <seed>/<name>/eval/<name>/results.json" in capsys.readouterr().err
