@@ -389,6 +389,7 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
         print(f"adapter saved to {output_dir / 'adapter'}")
     logger.close()
     accelerator.wait_for_everyone()
+    accelerator.free_memory()  # DeepSpeed's engine lets go of its gloo work while Python is alive (else: SIGABRT at exit)
     accelerator.end_training()
     return {**summary, "results": {k: v.get("average") for k, v in results.items()},
             "eval_loss": {k: v["loss"] for k, v in results.items() if "loss" in v}}
