@@ -63,12 +63,14 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     from moelora.data.media import MultimodalCollator, encode_multimodal_examples
     from moelora.evaluation import evaluate_exact_match, evaluate_loss, format_results_table
     from moelora.model import check_token_ids
+    from moelora.multimodal.transfer import load_encoders_from, matching_adapter_folder
     from moelora.supervised_loss import supervised_positions
     from moelora.training.batches import BatchOrder
     from moelora.errors import ConfigError, TrainingError, short_repr
     from moelora.training.output_dir import check_output_dir, claim_output_dir, continue_data_selection
     from moelora.training.parts import configure_parts, parameter_groups
     from moelora.training.metrics import MetricsLogger, name_layers, router_health, summarise_router_stats
+    from moelora.training.step_health import non_finite_error, read_step, weights_finite
     from moelora.training.state import (load_checkpoint, prune_checkpoints, read_trainer_state, resolve_resume,
                                         save_checkpoint)
 
@@ -103,8 +105,6 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
         accelerator.print(note)
     train_examples, eval_examples = load_examples(cfg)
     if cfg.init_encoders_from:  # its folder and encoder config are checked now, before the model loads
-        from moelora.multimodal.transfer import matching_adapter_folder
-
         matching_adapter_folder(cfg.init_encoders_from, cfg.encoders)
     # Task-routed methods (LoRA-Mixer's stage 1) need an expert per task: every task is checked now, not
     # when its first row comes up mid-run.
@@ -129,8 +129,6 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     # ZeRO-3 gathers an encoder's shards on every process at once: each must run it every step
     model.run_every_encoder = multimodal and accelerator.num_processes > 1
     if cfg.init_encoders_from:  # e.g. the align stage's run: its encoders + projectors (safetensors) start this run
-        from moelora.multimodal.transfer import load_encoders_from
-
         n_copied = load_encoders_from(model, cfg.init_encoders_from)
         accelerator.print(f"encoders and projectors initialised from {cfg.init_encoders_from} ({n_copied} tensors)")
     configure_parts(model, cfg)  # stage (align: adapters off in the forward) and freeze_* switches
@@ -266,24 +264,16 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
         # The gradient norm (clipped or not) also tells whether any gradient is non-finite; it is read
         # together with the previous update's weight check and this step's losses: one host read per step.
         norm = accelerator.clip_grad_norm_(core.trainable_parameters(), cfg.max_grad_norm or float("inf"))
-        norm = torch.as_tensor(norm, device=accelerator.device) if norm is not None else None
-        grad_ok = torch.isfinite(norm) if norm is not None else torch.ones_like(weights_ok)
-        flags = torch.stack([grad_ok.float() * loss_ok.float(), weights_ok.float()])
-        if world > 1:
-            flags = accelerator.reduce(flags, "sum")  # every process takes the same decision
-        step_norm = norm.float() if norm is not None else flags.new_zeros(())
-        read = torch.cat([flags, torch.stack([loss_ok.float(), step_norm] + lms + auxes)]).tolist()
-        finite, weights_were_ok = (v == world for v in read[:2])
-        loss_finite = read[2] == 1.0  # this process's forward losses
-        step_norm = read[3] if norm is not None else None
-        for v in read[4:4 + len(lms)]:  # summed in micro-batch order, as each was read before
+        read = read_step(accelerator, norm, loss_ok, weights_ok, lms, auxes)
+        finite, step_norm = read.finite, read.grad_norm
+        for v in read.lm_losses:  # summed in micro-batch order, as each was read before
             window["loss"] += v
-        for v in read[4 + len(lms):]:
+        for v in read.aux_losses:
             window["aux"] += v
-        if not weights_were_ok:  # skipping cannot help: the weights themselves are lost
+        if not read.weights_were_ok:  # skipping cannot help: the weights themselves are lost
             bar.close()
             raise non_finite_error(cfg, counters["step"], output_dir, weights=True)
-        if not finite and scaler is not None and loss_finite:  # overflow under loss scaling: the scaler's step
+        if not finite and scaler is not None and read.loss_finite:  # overflow under loss scaling: the scaler's step
             optimizer.step()  # skips the update and lowers the scale
             counters["skipped_steps"] += 1
         elif finite:
@@ -506,41 +496,6 @@ def check_positions(cfg, base_config, tokenizer, eval_examples, media_tokens) ->
             raise ConfigError("eval_max_new_tokens", f"{cfg.eval_max_new_tokens} new tokens after the longest "
                               f"evaluation prompt ({longest} tokens) exceed the {limit} positions of base model "
                               f"{cfg.base_model}; set eval_max_new_tokens <= {limit - longest}")
-
-
-def weights_finite(params):
-    """A 0-dim bool tensor: every trainable weight is finite. One fused max-norm over all of them (NaN
-    propagates through max, and a max cannot overflow as a sum of squares would); no host read here."""
-    import torch
-
-    with torch.no_grad():
-        tensors = [p.detach() for p in params if p.numel()]
-        if not tensors:
-            return torch.ones((), dtype=torch.bool)
-        return torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf"))).max())
-
-
-def non_finite_error(cfg, step: int, output_dir: Path, weights: bool = False, skipped: int = 0):
-    from moelora.errors import TrainingError
-    from moelora.training.state import list_checkpoints
-
-    last = list_checkpoints(output_dir)
-    kept = f"last good checkpoint: {last[-1] if last else 'none'}"
-    if cfg.dtype == "float16" or cfg.mixed_precision == "fp16":
-        why = ("float16's range ends at 65504, so activations or gradients can overflow at any learning rate; "
-               "dtype=bfloat16 (or float32) has float32's range")
-    else:
-        why = "lower learning_rate (or max_grad_norm)"
-    if weights:
-        return TrainingError(f"the adapter's weights became non-finite (NaN/inf) in the update of step {step}; "
-                             f"training stopped without saving them ({kept}); skipping steps cannot undo an "
-                             f"update: {why}")
-    if skipped:
-        return TrainingError(f"{skipped} non-finite steps in a row (the last at step {step}): the run is diverging, "
-                             f"skipping cannot help (nan_max_consecutive_skips={cfg.nan_max_consecutive_skips}); "
-                             f"stopped without saving ({kept}); {why}")
-    return TrainingError(f"non-finite loss or gradient at step {step}; training stopped without saving ({kept}). "
-                         f"To avoid it: {why}; or set nan_policy=skip to drop such steps")
 
 
 def update_manifest(adapter_dir: Path, metrics: dict) -> None:
