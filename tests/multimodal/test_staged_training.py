@@ -2,7 +2,6 @@
 change. Every saved tensor of a short run is compared with the run's initial model (rebuilt from the seed)."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,12 @@ from moelora.base_models import resolve_base_model
 from moelora.checkpoint import load_tensors
 from moelora.multimodal.encoders import part_of
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-import train  # noqa: E402
+from tests.tiny_runs import MULTIMODAL, TINY_RUN, train
 
 TINY = [
-    "base_model=tiny-random-llama", "data.suite=multimodal", "data.tasks=[digit_read, spoken_digit, digit_audio_match]",
-    "data.n_train_per_task=4", "data.n_eval_per_task=0", "data.max_length=160", "per_device_train_batch_size=4",
-    "report_to=[jsonl]", "logging_steps=1", "learning_rate=1e-2", "warmup_ratio=0", "lr_scheduler_type=constant",
-    "encoders.image_width=8", "encoders.audio_width=8", "eval_before_training=false", "eval_strategy=no",
+    *TINY_RUN, *MULTIMODAL, "data.tasks=[digit_read, spoken_digit, digit_audio_match]", "data.n_train_per_task=4",
+    "data.n_eval_per_task=0", "warmup_ratio=0", "lr_scheduler_type=constant", "encoders.image_width=8",
+    "encoders.audio_width=8", "eval_before_training=false", "eval_strategy=no",
     "method={name: lora, r: 2, alpha: 4, target_modules: [q_proj, v_proj]}", "max_steps=3",
 ]
 

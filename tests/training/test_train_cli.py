@@ -9,16 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-import train  # noqa: E402
+from tests.tiny_runs import REPO, TEXT, TINY_RUN, train
 
-TINY = [
-    "base_model=tiny-random-llama", "data.tasks=[add, reverse_word, sort_asc]", "data.n_train_per_task=40",
-    "data.n_eval_per_task=2", "data.max_length=128", "per_device_train_batch_size=4",
-    "per_device_eval_batch_size=8", "eval_max_new_tokens=4", "report_to=[jsonl]", "logging_steps=1",
-    "learning_rate=1e-2",
-]
+TINY = [*TINY_RUN, *TEXT, "data.n_eval_per_task=2", "per_device_eval_batch_size=8", "eval_max_new_tokens=4"]
 SMORA = "method={name: smora, r: 8, k: 2, alpha: 4, bias_update_rate: 1.0}"
 
 

@@ -5,7 +5,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,17 +13,13 @@ import yaml
 import moelora
 from moelora.checkpoint import load_tensors
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-import train  # noqa: E402
+from tests.tiny_runs import MULTIMODAL, REPO, TINY_RUN, train  # noqa: E402
 from tests.method_cases import METHOD_CASES, method_override  # noqa: E402
 
 TASKS = ["digit_read", "spoken_digit", "digit_audio_match", "add"]  # vision, speech, vision+speech, text
 TINY = [
-    "base_model=tiny-random-llama", "data.suite=multimodal", f"data.tasks=[{', '.join(TASKS)}]",
-    "data.n_train_per_task=6", "data.n_eval_per_task=2", "data.max_length=160", "per_device_train_batch_size=4",
-    "per_device_eval_batch_size=8", "eval_max_new_tokens=3", "report_to=[jsonl]", "logging_steps=1",
-    "learning_rate=1e-2", "encoders.image_width=16", "encoders.audio_width=16",
+    *TINY_RUN, *MULTIMODAL, f"data.tasks=[{', '.join(TASKS)}]", "data.n_train_per_task=6", "data.n_eval_per_task=2",
+    "per_device_eval_batch_size=8", "eval_max_new_tokens=3", "encoders.image_width=16", "encoders.audio_width=16",
 ]
 # Every row of the one method list (tests/method_cases.py): any method's model owns encoders (X-LoRA's own
 # two-cache decoding prefills from them too), so each trains, is evaluated per task and reloads here.

@@ -2,22 +2,14 @@
 the fp32 eager full-logits run gives (issue 13)."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-import train  # noqa: E402
+from tests.tiny_runs import TEXT, TINY_RUN, train
 
-TINY = [
-    "base_model=tiny-random-llama", "data.tasks=[add, reverse_word, sort_asc]", "data.n_train_per_task=40",
-    "data.n_eval_per_task=2", "data.max_length=128", "per_device_train_batch_size=4", "report_to=[jsonl]",
-    "logging_steps=1", "learning_rate=1e-2", "eval_before_training=false", "eval_strategy=no", "max_steps=4",
-    "method={name: smora, r: 8, k: 2, alpha: 4, bias_update_rate: 1.0e-3}",
-]
+TINY = [*TINY_RUN, *TEXT, "data.n_eval_per_task=2", "eval_before_training=false", "eval_strategy=no", "max_steps=4",
+        "method={name: smora, r: 8, k: 2, alpha: 4, bias_update_rate: 1.0e-3}"]
 _REFERENCE = {}
 
 
