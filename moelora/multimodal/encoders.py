@@ -4,6 +4,7 @@ Ours are trained from scratch (the LM stays frozen), so they are small and fast 
 
     image [3, H, W]   -> conv 3x3, conv 3x3 stride 2, conv 3x3 -> avg-pool to grid x grid -> grid² tokens
     log-mel [M, F]    -> 3 x conv1d (k 5, stride 2)            -> avg-pool to audio_tokens    -> audio_tokens tokens
+    + position        -> a learned vector per token slot (zero at the start), as ViT's position embeddings
     projector         -> Linear(width -> d) . GELU . Linear(d -> d)       (Phi-4's projector shape)
 
 With `feature_norm` (the default) pictures are centred to [-1, 1] (SigLIP's normalisation), the conv layers are
@@ -47,6 +48,11 @@ class EncoderConfig(StrictConfig):
     # Centred pictures, variance-keeping conv init and a LayerNorm on the features, so encoded tokens differ
     # between inputs from the first step (RESULTS.md §8); false: the encoders of checkpoints saved before it.
     feature_norm: bool = True
+    # A learned embedding of each token's place (grid cell / time slot) added to its features, as ViT and CLIP add
+    # theirs: conv features are local and the same wherever a stroke is, and the LM's attention sums values that
+    # carry no position (RoPE turns queries and keys only), so without it the layout of a digit's strokes is lost.
+    # Zero-initialised: a fresh encoder's tokens are those without it. false: checkpoints saved before it.
+    position_embedding: bool = True
     # A local HF vision model folder (CLIP/SigLIP, or its vision tower) as the image feature extractor instead of
     # our conv; None: ours (no download, trains from scratch). image_width is then the model's hidden size.
     image_model: str | None = None
@@ -88,6 +94,21 @@ def projector(width: int, hidden: int, embed_std: float) -> nn.Sequential:
     return proj
 
 
+class TokenPositions(nn.Module):
+    """Adds a learned vector per token slot to [n, tokens, width] features (unit variance, as the normed features)."""
+
+    def __init__(self, tokens: int, width: int):
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(tokens, width))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features + self.table.to(features.dtype)
+
+
+def token_positions(cfg: EncoderConfig, tokens: int, width: int) -> nn.Module:
+    return TokenPositions(tokens, width) if cfg.position_embedding else nn.Identity()
+
+
 def feature_extractor(cfg: EncoderConfig, layers: list[nn.Module], width: int) -> tuple[nn.Sequential, nn.Module]:
     """(conv stack, norm on its output tokens): He-initialised with zero biases and a LayerNorm under
     `feature_norm`, so features keep their input's variation; PyTorch's default init and no norm otherwise."""
@@ -113,6 +134,7 @@ class ImageEncoder(nn.Module):
             nn.Conv2d(w, w, 3, padding=1), nn.GELU(),
             nn.AdaptiveAvgPool2d(cfg.image_grid),
         ], w)
+        self.pos = token_positions(cfg, cfg.image_grid ** 2, w)
         self.proj = projector(w, hidden, embed_std)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -121,7 +143,7 @@ class ImageEncoder(nn.Module):
             raise DataError(f"images must be [n, {self.cfg.image_channels}, H, W], got {list(images.shape)}")
         if self.cfg.feature_norm:
             images = images * 2 - 1  # [0, 1] -> [-1, 1]: zero-centred, as SigLIP normalises
-        return self.norm(self.conv(images).flatten(2).transpose(1, 2))
+        return self.pos(self.norm(self.conv(images).flatten(2).transpose(1, 2)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[n, C, H, W] -> [n, grid², hidden]."""
@@ -139,13 +161,14 @@ class AudioEncoder(nn.Module):
             nn.Conv1d(w, w, 5, stride=2, padding=2), nn.GELU(),
             nn.AdaptiveAvgPool1d(cfg.audio_tokens),
         ], w)
+        self.pos = token_positions(cfg, cfg.audio_tokens, w)
         self.proj = projector(w, hidden, embed_std)
 
     def features(self, mels: torch.Tensor) -> torch.Tensor:
         """[n, n_mels, frames] -> [n, audio_tokens, width]: what the projector(s) read."""
         if mels.dim() != 3 or mels.shape[1] != self.cfg.n_mels:
             raise DataError(f"audio features must be [n, {self.cfg.n_mels}, frames], got {list(mels.shape)}")
-        return self.norm(self.conv(mels).transpose(1, 2))
+        return self.pos(self.norm(self.conv(mels).transpose(1, 2)))
 
     def forward(self, mels: torch.Tensor) -> torch.Tensor:
         """[n, n_mels, frames] -> [n, audio_tokens, hidden]."""

@@ -214,9 +214,10 @@ def attach_encoders(model, cfg: EncoderConfig, pretrained_trained: dict | None =
 
 def saved_encoder_config(meta: dict) -> tuple[EncoderConfig, dict[str, bool]]:
     """(encoder config, {kind: trained}) of a moelora_config.json's "encoders" and "pretrained_encoders"."""
-    # A checkpoint saved before `feature_norm` existed has the encoders without it.
+    # A checkpoint saved before `feature_norm` or `position_embedding` existed has the encoders without them.
     saved = meta["encoders"]
-    cfg = EncoderConfig.from_dict({"feature_norm": False, **saved} if isinstance(saved, dict) else saved, prefix="encoders")
+    before = {"feature_norm": False, "position_embedding": False}
+    cfg = EncoderConfig.from_dict({**before, **saved} if isinstance(saved, dict) else saved, prefix="encoders")
     pretrained = meta.get("pretrained_encoders") or {}
     if not isinstance(pretrained, dict) or not all(isinstance(v, dict) for v in pretrained.values()):
         raise CheckpointError(f"adapter config: 'pretrained_encoders' must map image/audio to {{model, trained}}, "
