@@ -214,6 +214,7 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     last_loss = None
     world = accelerator.num_processes
     vocab = core.base_model.get_input_embeddings().num_embeddings
+    core.token_ids_checked_by_caller = True  # each host batch is checked below, before it moves to the device
     # fp16 autocast on a GPU: accelerate's GradScaler skips overflowing steps and lowers the scale itself, which
     # is loss scaling working, not divergence (an fp16 run overflows in its first steps by design)
     scaler = getattr(accelerator, "scaler", None)

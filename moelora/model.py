@@ -207,10 +207,13 @@ class MoELoRAModel(nn.Module):
             return fused_outputs(out, kwargs.get("labels"), kwargs.get("num_items_in_batch"), out.get("aux_loss"))
         return out
 
+    # True where the caller checks every batch's ids on the host before moving it to the device (train.py): then
+    # the forward does not read the device copy, a GPU sync per micro-batch.
+    token_ids_checked_by_caller = False
+
     def _check_token_ids(self, input_ids) -> None:
-        # Not while compiling: the host read would break the graph; compiled training checks each batch on the
-        # host before it moves to the device (train.py), where the read costs no GPU sync.
-        if not torch.compiler.is_compiling():
+        # Not while compiling either: the host read would break the graph.
+        if not self.token_ids_checked_by_caller and not torch.compiler.is_compiling():
             check_token_ids(input_ids, self.base_model.get_input_embeddings().num_embeddings)
 
     def generate(self, *args, attention_mask: torch.Tensor | None = None, sample_labels: torch.Tensor | None = None,

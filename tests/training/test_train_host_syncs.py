@@ -18,3 +18,8 @@ def test_the_loop_reads_only_the_host_batch_per_micro_batch():
     read = {lines[int(where.split(":")[1]) - 1].strip(): n for where, n in own.items()}
     assert sum(own.values()) == 2 * accum, read
     assert all("batch[" in text and "micro_batches" not in text for text in read), read
+    # The token-id check runs once per micro-batch, on the host batch; the forward does not repeat it on the
+    # device copy (which on a GPU would wait for the queue).
+    model_py = REPO.joinpath("moelora/model.py").read_text().splitlines()
+    check = next(i + 1 for i, text in enumerate(model_py) if "if bool((low < 0) | (high >= vocab))" in text)
+    assert per_step.get(f"model.py:{check}", 0) == accum, per_step
