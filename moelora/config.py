@@ -106,6 +106,17 @@ class StrictConfig:
 
     # Dotted prefix for error messages, e.g. "method" so errors read "config key 'method.k'".
     _prefix: ClassVar[str] = ""
+    # Keys added later whose default is not what a config saved before them did: {key: the old behaviour's value}.
+    # A saved folder or checkpoint without the key is read with this value, and a resume must match it.
+    _before_key: ClassVar[dict] = {}
+
+    @classmethod
+    def value_before_key(cls, name: str):
+        """What a config saved before field `name` existed meant by leaving it out."""
+        if name in cls._before_key:
+            return cls._before_key[name]
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)
+        return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
     def _key(self, name: str) -> str:
         prefix = getattr(self, "_instance_prefix", "") or self._prefix

@@ -38,6 +38,7 @@ from ..errors import DataError
 @dataclasses.dataclass
 class EncoderConfig(StrictConfig):
     _prefix = "encoders"
+    _before_key = {"feature_norm": False, "position_embedding": False}  # the encoders before these keys had neither
 
     image_channels: int = 3  # RGB; the suite's digit scans are grey repeated over 3 channels
     image_grid: int = 2  # an image becomes grid x grid tokens: 4 regions of the 16x16 pictures

@@ -216,8 +216,8 @@ def saved_encoder_config(meta: dict) -> tuple[EncoderConfig, dict[str, bool]]:
     """(encoder config, {kind: trained}) of a moelora_config.json's "encoders" and "pretrained_encoders"."""
     # A checkpoint saved before `feature_norm` or `position_embedding` existed has the encoders without them.
     saved = meta["encoders"]
-    before = {"feature_norm": False, "position_embedding": False}
-    cfg = EncoderConfig.from_dict({**before, **saved} if isinstance(saved, dict) else saved, prefix="encoders")
+    cfg = EncoderConfig.from_dict({**EncoderConfig._before_key, **saved} if isinstance(saved, dict) else saved,
+                                  prefix="encoders")
     pretrained = meta.get("pretrained_encoders") or {}
     if not isinstance(pretrained, dict) or not all(isinstance(v, dict) for v in pretrained.values()):
         raise CheckpointError(f"adapter config: 'pretrained_encoders' must map image/audio to {{model, trained}}, "

@@ -65,15 +65,16 @@ def _json(value):
 
 
 def section_defaults(cfg) -> dict:
-    """Flattened `data.*`, `method.*` and `encoders.*` keys -> their config class defaults (JSON values)."""
+    """Flattened `data.*`, `method.*` and `encoders.*` keys -> what a checkpoint saved before the key existed
+    meant by leaving it out (JSON values): the class default, or the old behaviour where the default changed
+    (StrictConfig._before_key, e.g. encoders.feature_norm: false)."""
     out = {}
     for section, obj in (("data", cfg.data), ("method", cfg.method_config), ("encoders", cfg.encoders)):
         for f in dataclasses.fields(obj):
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 continue
             try:
-                out[f"{section}.{f.name}"] = _json(f.default if f.default is not dataclasses.MISSING
-                                                   else f.default_factory())
+                out[f"{section}.{f.name}"] = _json(type(obj).value_before_key(f.name))
             except TypeError:  # not a JSON value: no saved config can hold it either
                 continue
     return out
@@ -111,8 +112,10 @@ def check_resume_config(now: dict, saved: dict, resume: Path, defaults: dict | N
         if key not in b and key in defaults and a[key] == defaults[key]:
             continue  # a setting newer than the checkpoint, at the value that means what older versions did
         if a.get(key, "<unset>") != b.get(key, "<unset>"):
+            was = (f"{short_repr(defaults[key])} (it predates the key)" if key not in b and key in defaults
+                   else short_repr(b.get(key, "<unset>")))
             raise ConfigError(key, f"is {short_repr(a.get(key, '<unset>'))} but checkpoint {resume} was trained "
-                              f"with {short_repr(b.get(key, '<unset>'))}; a resume continues that run, so only "
+                              f"with {was}; a resume continues that run, so only "
                               "how long it trains, logs, saves and evaluates may change (start a new output_dir "
                               "to train with other settings)")
 

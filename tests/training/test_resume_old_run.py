@@ -50,3 +50,28 @@ def test_the_command_that_started_an_old_run_resumes_it_on_its_own_data(tmp_path
     code = train.cli([*command, "data.tasks=none", "max_steps=4", "resume_from_checkpoint=true"])
     err = capsys.readouterr().err
     assert code == 2 and "config key 'data.tasks': is 'none'" in err, err
+
+
+def test_a_multimodal_run_from_before_feature_norm_and_positions_resumes_only_as_it_was(tmp_path, capsys):
+    """encoders.feature_norm and encoders.position_embedding default to true, but a checkpoint saved before they
+    existed trained encoders without them: resumed under the new defaults, the features would silently change
+    under the trained weights. The resume is refused, naming the key and the value it must keep."""
+    from tests.tiny_runs import MULTIMODAL, TINY_RUN
+
+    out = tmp_path / "run"
+    command = [*TINY_RUN, *MULTIMODAL, "data.tasks=[digit_read, spoken_digit]", "data.n_train_per_task=4",
+               "data.n_eval_per_task=0", "eval_before_training=false", "encoders.image_width=8",
+               "encoders.audio_width=8", LORA, f"output_dir={out}"]
+    old = ["encoders.feature_norm=false", "encoders.position_embedding=false"]
+    train.main([*command, *old, "max_steps=2", "save_steps=1"])
+    for path in [out / "run_config.json", *out.glob("checkpoint-*/adapter/manifest.json"),
+                 *out.glob("checkpoint-*/adapter/moelora_config.json")]:  # as a moelora before the two keys
+        saved = json.loads(path.read_text())
+        encoders = saved.get("training_config", saved)["encoders"]
+        del encoders["feature_norm"], encoders["position_embedding"]
+        path.write_text(json.dumps(saved))
+
+    code = train.cli([*command, "max_steps=3", "resume_from_checkpoint=true"])
+    err = capsys.readouterr().err
+    assert code == 2 and "config key 'encoders.feature_norm': is True" in err and "predates the key" in err, err
+    assert train.main([*command, *old, "max_steps=3", "resume_from_checkpoint=true"])["steps"] == 3
