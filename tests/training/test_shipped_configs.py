@@ -23,9 +23,17 @@ def test_shipped_config_is_a_valid_run_config(path):
     assert cfg.max_steps > 0 and cfg.output_dir
 
 
-def test_the_perceive_recipe_is_staged():
+STAGE_2 = sorted(p.name for p in (REPO / "configs/perceive").glob("*.yaml") if p.name != "align.yaml")
+
+
+@pytest.mark.parametrize("name", STAGE_2)
+def test_the_perceive_recipe_is_staged(name):
     align = load_run_config(str(REPO / "configs/perceive/align.yaml"))
-    tune = load_run_config(str(REPO / "configs/perceive/lora16.yaml"))
+    tune = load_run_config(str(REPO / f"configs/perceive/{name}"))
+    lora16 = load_run_config(str(REPO / "configs/perceive/lora16.yaml"))
     assert align.stage == "align" and tune.stage == "joint"
+    # the methods' stage 2 differ from LoRA-16's in the method and the output folder only
+    differs = {k for k, v in tune.to_dict().items() if lora16.to_dict()[k] != v}
+    assert differs <= {"method", "output_dir"} and len(STAGE_2) >= 3, differs
     assert Path(tune.init_encoders_from) == Path(align.output_dir)
     assert tune.encoders.to_dict() == align.encoders.to_dict()  # init_encoders_from requires equal encoders
