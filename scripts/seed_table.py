@@ -10,7 +10,8 @@ Reads <root>/<seed>/<name>/eval/<name>/results.json (evaluate.py) and routing.js
     a verdict that calls a difference only when its mean exceeds its own spread (sd of the per-seed differences)
     and every seed agrees in sign; otherwise "within spread";
   * dead ranks/experts: those with zero load on every held-out token of every task (routing.json), per layer
-    on average, for methods that route.
+    on average, for methods that route;
+  * with --json, the same numbers as data (summary()), for the model cards.
 """
 
 from __future__ import annotations
@@ -101,12 +102,34 @@ def tables(runs: dict[str, dict[int, dict]], baseline: str | None) -> str:
     return "\n".join(out) + "\n"
 
 
+def summary(runs: dict[str, dict[int, dict]]) -> dict:
+    """{method: {"seeds", "average": {mean, sd, per_seed}, "per_task": {task: {mean, sd}}, "dead_per_layer"}} in
+    percent: what the model cards quote (scripts/release_zoo.py reads it from model_cards/seeds.json)."""
+    def stats(values: list[float]) -> dict:
+        m, s = mean_sd(values)
+        return {"mean": round(m, 2), "sd": round(s, 2) if len(values) > 1 else None}
+
+    out = {}
+    for name, by_seed in sorted(runs.items()):
+        seeds = sorted(by_seed)
+        tasks = sorted({t for s in seeds for t in by_seed[s]["per_task"]})
+        dead = [d for d in (dead_per_layer(by_seed[s]["routing"]) for s in seeds) if d is not None]
+        out[name] = {"seeds": seeds,
+                     "average": {**stats([by_seed[s]["average"] for s in seeds]),
+                                 "per_seed": [round(by_seed[s]["average"], 2) for s in seeds]},
+                     "per_task": {t: stats([by_seed[s]["per_task"][t] for s in seeds if t in by_seed[s]["per_task"]])
+                                  for t in tasks},
+                     "dead_per_layer": stats(dead) if dead else None}
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("root", type=Path, help="folder of <seed>/<name> runs (scripts/seed_runs.sh's runs/seeds)")
     p.add_argument("--baseline", default=None, help="method the paired differences are taken against")
     p.add_argument("--only", nargs="+", default=None, help="methods to include (default: all found)")
     p.add_argument("--out", type=Path, default=None, help="write the markdown here too")
+    p.add_argument("--json", type=Path, default=None, help="write the summary (summary()) as JSON here")
     a = p.parse_args()
     runs = load_runs(a.root)
     if a.only:
@@ -119,6 +142,8 @@ def main():
     print(text)
     if a.out:
         a.out.write_text(text)
+    if a.json:
+        a.json.write_text(json.dumps(summary(runs), indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,19 @@ def test_verdict_needs_mean_above_its_spread_and_two_seeds():
     assert seed_table.verdict([2.0]) == "one seed: no claim"
 
 
+def test_summary_holds_the_tables_numbers(tmp_path):
+    for seed, v in {42: 50.0, 43: 60.0, 44: 55.0}.items():
+        write_run(tmp_path, seed, "smora", {"add": v, "sort": v + 10}, {"add": {"l0": [1.0, 0.0]}})
+    write_run(tmp_path, 42, "solo", {"add": 30.0})
+    out = seed_table.summary(seed_table.load_runs(tmp_path))
+    assert out["smora"]["seeds"] == [42, 43, 44]
+    assert out["smora"]["average"] == {"mean": 60.0, "sd": 5.0, "per_seed": [55.0, 65.0, 60.0]}
+    assert out["smora"]["per_task"]["sort"] == {"mean": 65.0, "sd": 5.0}
+    assert out["smora"]["dead_per_layer"] == {"mean": 1.0, "sd": 0.0}
+    assert out["solo"]["average"]["sd"] is None and out["solo"]["dead_per_layer"] is None  # one seed: no spread
+    json.dumps(out)  # JSON as written
+
+
 def test_dead_experts_are_zero_load_on_every_task():
     routing = {"add": {"l0": [0.5, 0.5, 0.0, 0.0], "l1": [1.0, 0.0, 0.0, 0.0]},
                "sort": {"l0": [0.5, 0.0, 0.5, 0.0], "l1": [0.5, 0.5, 0.0, 0.0]}}
