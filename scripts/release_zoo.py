@@ -140,6 +140,29 @@ def read_training_record(card: Path) -> dict:
     return json.loads(path.read_text())
 
 
+SEEDS_JSON = REPO / "model_cards" / "seeds.json"  # scripts/seed_table.py --json over scripts/seed_runs.sh's runs
+
+
+def seed_spread(name: str) -> dict | None:
+    """The same training command rerun under several seeds (model_cards/seeds.json), or None."""
+    if not SEEDS_JSON.is_file():
+        return None
+    entry = json.loads(SEEDS_JSON.read_text()).get(name)
+    return entry if entry and len(entry["seeds"]) > 1 else None
+
+
+def spread_sentence(spread: dict | None) -> str:
+    """What the card says about the seed-to-seed spread of its command."""
+    if spread is None:
+        return ("the seed-to-seed spread is not measured yet, and re-running the top-level README's default\n"
+                "command on later code moved its average by 4.9 points. Compare checkpoints by larger gaps only.")
+    avg = spread["average"]
+    return (f"the same command, rerun on the code of 2026-12-02 under {seeds_phrase(spread['seeds'])}, each\n"
+            f"scored on its own seed's held-out split (`benchmarks/RESULTS.md` §9-10), averaged **{avg['mean']:.1f} ± "
+            f"{avg['sd']:.1f}**\n(per seed: {', '.join(f'{v:.1f}' for v in avg['per_seed'])}; per task in the last "
+            f"column below). That spread is what a\ncomparison with this checkpoint has to beat.")
+
+
 def seeds_phrase(seeds: list[int]) -> str:
     """"one seed (42)" / "3 seeds (42, 43, 44)": how many runs a number stands on, and which."""
     count = "one seed" if len(seeds) == 1 else f"{len(seeds)} seeds"
@@ -341,9 +364,18 @@ def card_text(name: str, info: dict, results: dict, base: dict, training: dict, 
              "metrics": [{"type": "exact_match", "value": round(100 * per_task[task], 1), "name": "exact match (%)"}]}
             for task in per_task]}],
     }
-    rows = "\n".join(f"| {t} | {results['n'][t]} | {100 * base['per_task'][t]:.1f} | {100 * v:.1f} |"
-                     if t in base["per_task"] else f"| {t} | {results['n'][t]} | – | {100 * v:.1f} |"
+    spread = seed_spread(name)
+
+    def over_seeds(task: str) -> str:
+        s = spread["per_task"].get(task) if spread else None
+        return "" if spread is None else (f" {s['mean']:.1f} ± {s['sd']:.1f} |" if s else " – |")
+
+    rows = "\n".join(f"| {t} | {results['n'][t]} | {100 * base['per_task'][t]:.1f} | {100 * v:.1f} |{over_seeds(t)}"
+                     if t in base["per_task"] else f"| {t} | {results['n'][t]} | – | {100 * v:.1f} |{over_seeds(t)}"
                      for t, v in per_task.items())
+    seed_head = f" {len(spread['seeds'])} seeds, mean ± sd |" if spread else ""
+    seed_rule = "---:|" if spread else ""
+    seed_avg = f" {spread['average']['mean']:.1f} ± {spread['average']['sd']:.1f} |" if spread else ""
     base_common = [t for t in per_task if t in base["per_task"]]
     base_avg = sum(base["per_task"][t] for t in base_common) / len(base_common) if base_common else None
     plots = ""
@@ -375,16 +407,15 @@ On {SUITE_TEXT[info['suite']]}; greedy decoding, up to {settings['max_new_tokens
 `python scripts/release_zoo.py` (which runs `evaluate.py` on these files). Every prediction is in
 `eval/results.json`.
 
-**Seeds: every number here comes from {seeds_phrase(train_seeds)} of training** (initialisation and data
+**Seeds: {"this adapter's numbers come" if spread else "every number here comes"} from {seeds_phrase(train_seeds)} of training** (initialisation and data
 order, `seed` in the configuration below) **and {seeds_phrase(eval_seeds)} of the held-out split** ({n_eval} examples
 per task). One example is {100 / n_eval:.1f} points of a task, and differences under ~5 points in an average are
-within noise: the seed-to-seed spread is not measured yet, and re-running the top-level README's default
-command on later code moved its average by 4.9 points. Compare checkpoints by larger gaps only.
+within noise: {spread_sentence(spread)}
 
-| task | examples | base model | {name} |
-|---|---:|---:|---:|
+| task | examples | base model | {name} |{seed_head}
+|---|---:|---:|---:|{seed_rule}
 {rows}
-| **average** | | {f'{100 * base_avg:.1f}' if base_avg is not None else '–'} | **{100 * results['average']:.1f}** |
+| **average** | | {f'{100 * base_avg:.1f}' if base_avg is not None else '–'} | **{100 * results['average']:.1f}** |{seed_avg}
 {plots}{experts_note}
 ## Intended use
 
