@@ -107,7 +107,7 @@ def summary(runs: dict[str, dict[int, dict]]) -> dict:
     percent: what the model cards quote (scripts/release_zoo.py reads it from model_cards/seeds.json)."""
     def stats(values: list[float]) -> dict:
         m, s = mean_sd(values)
-        return {"mean": round(m, 2), "sd": round(s, 2) if len(values) > 1 else None}
+        return {"mean": round(m, 4), "sd": round(s, 4) if len(values) > 1 else None}
 
     out = {}
     for name, by_seed in sorted(runs.items()):
@@ -116,7 +116,7 @@ def summary(runs: dict[str, dict[int, dict]]) -> dict:
         dead = [d for d in (dead_per_layer(by_seed[s]["routing"]) for s in seeds) if d is not None]
         out[name] = {"seeds": seeds,
                      "average": {**stats([by_seed[s]["average"] for s in seeds]),
-                                 "per_seed": [round(by_seed[s]["average"], 2) for s in seeds]},
+                                 "per_seed": [round(by_seed[s]["average"], 4) for s in seeds]},
                      "per_task": {t: stats([by_seed[s]["per_task"][t] for s in seeds if t in by_seed[s]["per_task"]])
                                   for t in tasks},
                      "dead_per_layer": stats(dead) if dead else None}
