@@ -51,8 +51,9 @@ class EncoderConfig(StrictConfig):
     feature_norm: bool = True
     # A learned embedding of each token's place (grid cell / time slot) added to its features, as ViT and CLIP add
     # theirs: conv features are local and the same wherever a stroke is, and the LM's attention sums values that
-    # carry no position (RoPE turns queries and keys only), so without it the layout of a digit's strokes is lost.
-    # Zero-initialised: a fresh encoder's tokens are those without it. false: checkpoints saved before it.
+    # carry no position (RoPE rotates queries and keys only), so without it the layout of a digit's strokes is lost.
+    # Zero-initialised: a fresh encoder's tokens are those without it. Our conv encoders only (a pretrained ViT or
+    # Whisper has its own). false: checkpoints saved before it.
     position_embedding: bool = True
     # A local HF vision model folder (CLIP/SigLIP, or its vision tower) as the image feature extractor instead of
     # our conv; None: ours (no download, trains from scratch). image_width is then the model's hidden size.
@@ -96,7 +97,7 @@ def projector(width: int, hidden: int, embed_std: float) -> nn.Sequential:
 
 
 class TokenPositions(nn.Module):
-    """Adds a learned vector per token slot to [n, tokens, width] features (unit variance, as the normed features)."""
+    """Adds a learned vector per token slot to [n, tokens, width] features; zero at the start."""
 
     def __init__(self, tokens: int, width: int):
         super().__init__()
