@@ -370,9 +370,11 @@ def card_text(name: str, info: dict, results: dict, base: dict, training: dict, 
         s = spread["per_task"].get(task) if spread else None
         return "" if spread is None else (f" {s['mean']:.1f} ± {s['sd']:.1f} |" if s else " – |")
 
-    rows = "\n".join(f"| {t} | {results['n'][t]} | {100 * base['per_task'][t]:.1f} | {100 * v:.1f} |{over_seeds(t)}"
-                     if t in base["per_task"] else f"| {t} | {results['n'][t]} | – | {100 * v:.1f} |{over_seeds(t)}"
-                     for t, v in per_task.items())
+    def base_cell(task: str) -> str:
+        return f"{100 * base['per_task'][task]:.1f}" if task in base["per_task"] else "–"
+
+    rows = "\n".join(f"| {t} | {results['n'][t]} | {base_cell(t)} | {100 * v:.1f} |{over_seeds(t)}"
+                      for t, v in per_task.items())
     seed_head = f" {len(spread['seeds'])} seeds, mean ± sd |" if spread else ""
     seed_rule = "---:|" if spread else ""
     seed_avg = f" {spread['average']['mean']:.1f} ± {spread['average']['sd']:.1f} |" if spread else ""

@@ -60,6 +60,11 @@ def dead_per_layer(routing: dict | None) -> float | None:
     return statistics.fmean(sum(1 for x in load if x == 0) for load in layers.values())
 
 
+def dead_values(by_seed: dict[int, dict]) -> list[float]:
+    """Dead experts per layer of each seed's run that routes (none for plain LoRA)."""
+    return [d for d in (dead_per_layer(by_seed[s]["routing"]) for s in sorted(by_seed)) if d is not None]
+
+
 def verdict(diffs: list[float]) -> str:
     m, s = mean_sd(diffs)
     if len(diffs) < 2:
@@ -76,7 +81,7 @@ def tables(runs: dict[str, dict[int, dict]], baseline: str | None) -> str:
     for n in names:
         seeds = sorted(runs[n])
         avgs = [runs[n][s]["average"] for s in seeds]
-        dead = [d for d in (dead_per_layer(runs[n][s]["routing"]) for s in seeds) if d is not None]
+        dead = dead_values(runs[n])
         lines.append(f"| {n} | {', '.join(map(str, seeds))} | {fmt(avgs)} | "
                      f"{', '.join(f'{a:.1f}' for a in avgs)} | {fmt(dead) if dead else '–'} |")
     out = ["## Average exact match over the held-out split (%)", "", *lines, ""]
@@ -113,7 +118,7 @@ def summary(runs: dict[str, dict[int, dict]]) -> dict:
     for name, by_seed in sorted(runs.items()):
         seeds = sorted(by_seed)
         tasks = sorted({t for s in seeds for t in by_seed[s]["per_task"]})
-        dead = [d for d in (dead_per_layer(by_seed[s]["routing"]) for s in seeds) if d is not None]
+        dead = dead_values(by_seed)
         out[name] = {"seeds": seeds,
                      "average": {**stats([by_seed[s]["average"] for s in seeds]),
                                  "per_seed": [round(by_seed[s]["average"], 4) for s in seeds]},
