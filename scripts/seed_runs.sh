@@ -5,22 +5,30 @@
 # share their training data, order and held-out examples, so differences within a seed are paired).
 #
 #   SEEDS="42 43 44" ONLY="lora-8 smora-64-8 lora-64" scripts/seed_runs.sh
-#   python scripts/seed_table.py runs/seeds          # mean ± spread per method and task
+#   python scripts/seed_table.py benchmarks/results/seeds runs/seeds   # mean ± spread per method and task
 #
-# Runs already scored (results.json in place) are skipped, and a trained but unscored run is only scored, so the
-# queue can be stopped and resumed. Keep the machine otherwise idle: a second job on the 2 cores slowed a training
+# Each scored run's record (its scores and routing loads, a few KB) is copied to benchmarks/results/seeds/<seed>/
+# <name>.json, which is committed: runs/ stays on one machine, the records let a later session's tables count
+# every seed run so far. Runs with a record or with results.json in place are skipped, and a trained but
+# unscored run is only scored, so the queue can be stopped and resumed, across sessions too. Keep the machine otherwise idle: a second job on the 2 cores slowed a training
 # run ~10x (benchmarks/RESULTS.md §9), so runs go one at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-42 43 44}
 ONLY=${ONLY:-lora-8 smora-64-8 lora-64}
 PY=${PY:-.venv/bin/python}
+RECORDS=${RECORDS:-benchmarks/results/seeds}
 for seed in $SEEDS; do
   for name in $ONLY; do
     run="runs/seeds/$seed/$name"
-    if [[ -f "$run/eval/$name/results.json" ]]; then echo "== seed $seed $name: done"; continue; fi
+    if [[ -f "$RECORDS/$seed/$name.json" ]]; then echo "== seed $seed $name: recorded"; continue; fi
+    if [[ -f "$run/eval/$name/results.json" ]]; then
+      $PY scripts/seed_table.py "runs/seeds" --only "$name" --record "$RECORDS" > /dev/null
+      echo "== seed $seed $name: done"; continue
+    fi
     SEED=$seed RUNS="runs/seeds/$seed" ONLY="$name" LAUNCH="$PY" scripts/build_zoo.sh
     $PY evaluate.py --checkpoint "$run/adapter" --no-base --no-plots --seed "$seed" --out "$run/eval.tmp"
     rm -rf "$run/eval" && mv "$run/eval.tmp" "$run/eval"
+    $PY scripts/seed_table.py "runs/seeds" --only "$name" --record "$RECORDS" > /dev/null
   done
 done

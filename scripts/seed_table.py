@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Tables with a spread from the runs of scripts/seed_runs.sh (issue 18).
 
-    python scripts/seed_table.py runs/seeds --baseline lora-8 --out benchmarks/results/seeds_text.md
+    python scripts/seed_table.py runs/seeds benchmarks/results/seeds --baseline lora-8 --out benchmarks/results/seeds_text.md
 
-Reads <root>/<seed>/<name>/eval/<name>/results.json (evaluate.py) and routing.json, and writes:
+Reads <root>/<seed>/<name>/eval/<name>/results.json (evaluate.py) and routing.json, and the records
+<root>/<seed>/<name>.json that --record writes (what a run's scores need, a few KB, kept in the repository:
+runs/ is local to one checkout, so a later session's table still counts the earlier sessions' seeds), and writes:
   * per method: average exact match over the seeds, mean ± sample standard deviation, and each seed's value;
   * per task: mean ± sd per method;
   * paired differences against --baseline (the runs of one seed share data, order and held-out examples), with
@@ -23,18 +25,47 @@ import sys
 from pathlib import Path
 
 
-def load_runs(root: Path) -> dict[str, dict[int, dict]]:
-    """{method: {seed: results.json (+ "routing": routing.json or None)}}"""
-    runs: dict[str, dict[int, dict]] = {}
+def record(results: dict, routing: dict | None) -> dict:
+    """What the tables need of one scored run: the scores as evaluate.py stores them (fractions) and, for a run
+    that routes, each layer's load summed over the tasks (an expert is dead when that sum is zero)."""
+    total = None
+    if routing:
+        total = {}
+        for per_layer in routing["per_task"].values():
+            for layer, load in per_layer.items():
+                total[layer] = [a + x for a, x in zip(total.get(layer, [0.0] * len(load)), load)]
+    return {"average": results["average"], "per_task": results["per_task"], "load_over_tasks": total}
+
+
+def scored_runs(root: Path):
+    """(name, seed, record) for every run folder and every record file under root."""
     for res in sorted(root.glob("*/*/eval/*/results.json")):
-        name, seed = res.parent.name, int(res.parents[3].name)
-        data = json.loads(res.read_text())  # evaluate.py stores fractions; the tables show percent
-        data["average"] *= 100
-        data["per_task"] = {t: v * 100 for t, v in data["per_task"].items()}
         routing = res.parent / "routing.json"
-        data["routing"] = json.loads(routing.read_text()) if routing.exists() else None
-        runs.setdefault(name, {})[seed] = data
+        yield res.parent.name, int(res.parents[3].name), record(
+            json.loads(res.read_text()), json.loads(routing.read_text()) if routing.exists() else None)
+    for rec in sorted(root.glob("*/*.json")):
+        if rec.parent.name.isdigit():
+            yield rec.stem, int(rec.parent.name), json.loads(rec.read_text())
+
+
+def load_runs(*roots: Path) -> dict[str, dict[int, dict]]:
+    """{method: {seed: {"average", "per_task" in percent, "load_over_tasks", "record"}}}; a run found
+    both as a folder and as a record is one run (the record is a copy of the folder's scores)."""
+    runs: dict[str, dict[int, dict]] = {}
+    for root in roots:
+        for name, seed, rec in scored_runs(root):
+            runs.setdefault(name, {})[seed] = {  # evaluate.py stores fractions; the tables show percent
+                "average": rec["average"] * 100, "per_task": {t: v * 100 for t, v in rec["per_task"].items()},
+                "load_over_tasks": rec["load_over_tasks"], "record": rec}
     return runs
+
+
+def write_records(runs: dict[str, dict[int, dict]], folder: Path):
+    for name, by_seed in runs.items():
+        for seed, data in by_seed.items():
+            path = folder / str(seed) / f"{name}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(data["record"], indent=1) + "\n")
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -46,23 +77,16 @@ def fmt(values: list[float]) -> str:
     return f"{m:.1f} ± {s:.1f}" if len(values) > 1 else f"{m:.1f}"
 
 
-def dead_per_layer(routing: dict | None) -> float | None:
-    """Mean over layers of the experts with zero load on every task's held-out tokens."""
-    if not routing:
+def dead_per_layer(load_over_tasks: dict | None) -> float | None:
+    """Mean over layers of the experts with zero load on every task's held-out tokens (record()'s sums)."""
+    if not load_over_tasks:
         return None
-    layers: dict[str, list[float]] = {}
-    for per_layer in routing["per_task"].values():
-        for layer, load in per_layer.items():
-            acc = layers.setdefault(layer, [0.0] * len(load))
-            layers[layer] = [a + x for a, x in zip(acc, load)]
-    if not layers:
-        return None
-    return statistics.fmean(sum(1 for x in load if x == 0) for load in layers.values())
+    return statistics.fmean(sum(1 for x in load if x == 0) for load in load_over_tasks.values())
 
 
 def dead_values(by_seed: dict[int, dict]) -> list[float]:
     """Dead experts per layer of each seed's run that routes (none for plain LoRA)."""
-    return [d for d in (dead_per_layer(by_seed[s]["routing"]) for s in sorted(by_seed)) if d is not None]
+    return [d for d in (dead_per_layer(by_seed[s]["load_over_tasks"]) for s in sorted(by_seed)) if d is not None]
 
 
 def verdict(diffs: list[float]) -> str:
@@ -130,19 +154,23 @@ def summary(runs: dict[str, dict[int, dict]]) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("root", type=Path, help="folder of <seed>/<name> runs (scripts/seed_runs.sh's runs/seeds)")
+    p.add_argument("roots", type=Path, nargs="+", help="folders of <seed>/<name> runs (scripts/seed_runs.sh's "
+                   "runs/seeds) or of <seed>/<name>.json records (benchmarks/results/seeds)")
     p.add_argument("--baseline", default=None, help="method the paired differences are taken against")
     p.add_argument("--only", nargs="+", default=None, help="methods to include (default: all found)")
     p.add_argument("--out", type=Path, default=None, help="write the markdown here too")
     p.add_argument("--json", type=Path, default=None, help="write the summary (summary()) as JSON here")
+    p.add_argument("--record", type=Path, default=None, help="write each run's record to <here>/<seed>/<name>.json")
     a = p.parse_args()
-    runs = load_runs(a.root)
+    runs = load_runs(*a.roots)
     if a.only:
         runs = {n: r for n, r in runs.items() if n in a.only}
     if not runs:
-        print(f"error: no <seed>/<name>/eval/<name>/results.json under {a.root} (scripts/seed_runs.sh writes them)",
-              file=sys.stderr)
+        print(f"error: no <seed>/<name>/eval/<name>/results.json or <seed>/<name>.json under "
+              f"{', '.join(map(str, a.roots))} (scripts/seed_runs.sh writes them)", file=sys.stderr)
         raise SystemExit(2)
+    if a.record:
+        write_records(runs, a.record)
     text = tables(runs, a.baseline)
     print(text)
     if a.out:

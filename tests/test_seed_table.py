@@ -66,8 +66,29 @@ def test_dead_experts_are_zero_load_on_every_task():
     routing = {"add": {"l0": [0.5, 0.5, 0.0, 0.0], "l1": [1.0, 0.0, 0.0, 0.0]},
                "sort": {"l0": [0.5, 0.0, 0.5, 0.0], "l1": [0.5, 0.5, 0.0, 0.0]}}
     # l0: only rank 3 never used; l1: ranks 2 and 3 -> mean 1.5 per layer
-    assert seed_table.dead_per_layer({"per_task": routing}) == pytest.approx(1.5)
+    rec = seed_table.record({"average": 0.5, "per_task": {"add": 0.5}}, {"per_task": routing})
+    assert seed_table.dead_per_layer(rec["load_over_tasks"]) == pytest.approx(1.5)
     assert seed_table.dead_per_layer(None) is None
+
+
+def test_records_keep_the_tables_after_the_runs_are_gone(tmp_path):
+    """runs/ is local to one checkout: --record copies what the tables need into a folder the repository keeps,
+    and a table over records + the runs still present counts every seed once."""
+    runs_root, records = tmp_path / "runs", tmp_path / "records"
+    for seed, v in {42: 50.0, 43: 60.0}.items():
+        write_run(runs_root, seed, "smora", {"add": v, "sort": v + 10}, {"add": {"l0": [1.0, 0.0, 0.0]},
+                                                                         "sort": {"l0": [0.0, 1.0, 0.0]}})
+    before = seed_table.tables(seed_table.load_runs(runs_root), None)
+    seed_table.write_records(seed_table.load_runs(runs_root), records)
+    assert sorted(p.relative_to(records).as_posix() for p in records.rglob("*.json")) == ["42/smora.json",
+                                                                                        "43/smora.json"]
+    assert seed_table.tables(seed_table.load_runs(records), None) == before  # the folders are not needed
+    write_run(runs_root, 44, "smora", {"add": 55.0, "sort": 65.0})  # a later session adds a seed
+    import shutil
+    shutil.rmtree(runs_root / "42")
+    merged = seed_table.load_runs(records, runs_root)
+    assert sorted(merged["smora"]) == [42, 43, 44]
+    assert seed_table.summary(merged)["smora"]["dead_per_layer"] == {"mean": 1.0, "sd": 0.0}  # 44 has no routing
 
 
 def test_empty_root_is_one_clear_error(tmp_path, capsys, monkeypatch):
@@ -75,4 +96,4 @@ def test_empty_root_is_one_clear_error(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         seed_table.main()
     assert exc.value.code == 2
-    assert "no <seed>/<name>/eval/<name>/results.json" in capsys.readouterr().err
+    assert "no <seed>/<name>/eval/<name>/results.json or <seed>/<name>.json" in capsys.readouterr().err
