@@ -528,9 +528,10 @@ def load_examples(cfg) -> tuple[list[dict], list[dict]]:
         from moelora.data.multimodal import build_multimodal_suite  # digits, shapes, espeak-ng speech + text tasks
 
         train, evals = build_multimodal_suite(cfg.data.tasks, cfg.data.n_train_per_task, cfg.data.n_eval_per_task,
-                                              cfg.seed)
+                                              cfg.seed, cfg.data.n_train_for)
     elif cfg.data.tasks != "none":
-        train, evals = build_task_suite(cfg.data.tasks, cfg.data.n_train_per_task, cfg.data.n_eval_per_task, cfg.seed)
+        train, evals = build_task_suite(cfg.data.tasks, cfg.data.n_train_per_task, cfg.data.n_eval_per_task, cfg.seed,
+                                        cfg.data.n_train_for)
     # Methods routed by task label (LoRA-Mixer's stage 1, MeteoRA's gate loss) need every row's task; other
     # methods give rows without one data.default_task.
     routed = cfg.method_config.task_labels([]) is not None

@@ -111,11 +111,10 @@ class StrictConfig:
     _before_key: ClassVar[dict] = {}
 
     @classmethod
-    def value_before_key(cls, name: str):
-        """What a config saved before field `name` existed meant by leaving it out."""
-        if name in cls._before_key:
-            return cls._before_key[name]
-        f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    def value_before_key(cls, f: dataclasses.Field):
+        """What a config saved before field `f` existed meant by leaving it out."""
+        if f.name in cls._before_key:
+            return cls._before_key[f.name]
         return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
     def _key(self, name: str) -> str:

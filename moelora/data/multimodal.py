@@ -29,7 +29,7 @@ from typing import Callable
 from moelora.data import audio, images
 from moelora.data.media import AUDIO_MARKER, IMAGE_MARKER
 from moelora.data.tasks import TASKS as TEXT_TASKS
-from moelora.data.tasks import build_task_suite
+from moelora.data.tasks import build_task_suite, train_counts
 from moelora.errors import DataError
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -168,20 +168,20 @@ def _materialise(examples: list[dict]) -> list[dict]:
 
 
 def build_multimodal_suite(tasks="all", n_train_per_task: int = 200, n_eval_per_task: int = 32,
-                           seed: int = 0) -> tuple[list[dict], list[dict]]:
+                           seed: int = 0, n_train_for: dict[str, int] | None = None) -> tuple[list[dict], list[dict]]:
     """``(train, eval)`` examples; media as tensors under "images" ([3, 16, 16]) and "audio" ([40, 160]),
-    and the descriptions they were made from under "sources" (in marker order)."""
+    and the descriptions they were made from under "sources" (in marker order). ``n_train_for``: other train
+    sizes for named tasks (tasks.train_counts)."""
     names = resolve_multimodal_task_names(tasks)
-    for key, n in (("n_train_per_task", n_train_per_task), ("n_eval_per_task", n_eval_per_task)):
-        if not isinstance(n, int) or n < 0:
-            raise DataError(f"{key} must be a non-negative integer, got {n!r}")
+    counts = train_counts(names, n_train_per_task, n_eval_per_task, n_train_for)
     text = [n for n in names if n in TEXT_TASKS]
-    train, evals = build_task_suite(text, n_train_per_task, n_eval_per_task, seed) if text else ([], [])
+    train, evals = (build_task_suite(text, n_train_per_task, n_eval_per_task, seed,
+                                     {t: counts[t] for t in text}) if text else ([], []))
     for name in (n for n in names if n in MULTIMODAL_TASKS):
         rng = random.Random(seed * 1_000_003 + zlib.crc32(f"multimodal/{name}".encode()))
         seen: set = set()
-        asked = n_train_per_task + n_eval_per_task
+        asked = counts[name] + n_eval_per_task
         evals += _draw(name, rng, "eval", n_eval_per_task, seen, asked)
-        train += _draw(name, rng, "train", n_train_per_task, seen, asked)
+        train += _draw(name, rng, "train", counts[name], seen, asked)
     random.Random(seed).shuffle(train)
     return _materialise(train), _materialise(evals)

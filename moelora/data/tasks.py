@@ -188,27 +188,42 @@ def _draw_unique(name: str, rng: random.Random, n: int, seen: set[str], asked: i
     return out
 
 
+def train_counts(names: list[str], n_train_per_task: int, n_eval_per_task: int,
+                 n_train_for: dict[str, int] | None = None) -> dict[str, int]:
+    """Training examples per selected task: n_train_per_task, or n_train_for's value for the tasks it names.
+    Each task's examples come from its own RNG stream after its held-out ones, so a larger count keeps the
+    first n_train_per_task examples and adds new ones (and never changes the held-out split)."""
+    for key, n in (("n_train_per_task", n_train_per_task), ("n_eval_per_task", n_eval_per_task),
+                   *((f"n_train_for.{t}", v) for t, v in (n_train_for or {}).items())):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise DataError(f"{key} must be a non-negative integer, got {n!r}")
+    unknown = sorted(set(n_train_for or ()) - set(names))
+    if unknown:
+        raise DataError(f"n_train_for names {', '.join(map(repr, unknown))}, not among the selected tasks "
+                        f"({', '.join(names)})")
+    return {name: (n_train_for or {}).get(name, n_train_per_task) for name in names}
+
+
 def build_task_suite(
-    tasks: str | list[str] = "all", n_train_per_task: int = 200, n_eval_per_task: int = 50, seed: int = 0
+    tasks: str | list[str] = "all", n_train_per_task: int = 200, n_eval_per_task: int = 50, seed: int = 0,
+    n_train_for: dict[str, int] | None = None,
 ) -> tuple[list[Example], list[Example]]:
-    """Generate ``(train, eval)`` for the selected tasks.
+    """Generate ``(train, eval)`` for the selected tasks (``n_train_for``: other train sizes for named tasks).
 
     Eval is drawn first from each task's own RNG stream, so it depends only on ``(seed, n_eval)`` and
     stays fixed when the train size changes; train then skips every eval instruction.
     """
     names = resolve_task_names(tasks)
-    for key, n in (("n_train_per_task", n_train_per_task), ("n_eval_per_task", n_eval_per_task)):
-        if not isinstance(n, int) or n < 0:
-            raise DataError(f"{key} must be a non-negative integer, got {n!r}")
+    counts = train_counts(names, n_train_per_task, n_eval_per_task, n_train_for)
     train: list[Example] = []
     evals: list[Example] = []
     for name in names:
         # crc32, not hash(): Python's str hash is salted per process and would break determinism.
         rng = random.Random(seed * 1_000_003 + zlib.crc32(name.encode()))
         seen: set[str] = set()
-        asked = n_train_per_task + n_eval_per_task
+        asked = counts[name] + n_eval_per_task
         evals += _draw_unique(name, rng, n_eval_per_task, seen, asked)
-        train += _draw_unique(name, rng, n_train_per_task, seen, asked)
+        train += _draw_unique(name, rng, counts[name], seen, asked)
     # Mix tasks in train so naive sequential consumers still see every task early.
     random.Random(seed).shuffle(train)
     return train, evals

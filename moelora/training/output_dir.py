@@ -74,7 +74,7 @@ def section_defaults(cfg) -> dict:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 continue
             try:
-                out[f"{section}.{f.name}"] = _json(type(obj).value_before_key(f.name))
+                out[f"{section}.{f.name}"] = _json(type(obj).value_before_key(f))
             except TypeError:  # not a JSON value: no saved config can hold it either
                 continue
     return out

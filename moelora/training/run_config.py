@@ -38,6 +38,7 @@ class DataConfig(StrictConfig):
     task_field: str = "task"  # column naming each row's task (per-task metrics and task-routed methods need it)
     default_task: str = "default"  # task of user rows without a task field (methods routed by task label refuse such rows)
     n_train_per_task: int = 400  # generated training examples per built-in task
+    n_train_for: dict[str, int] = dataclasses.field(default_factory=dict)  # {task: n} instead of n_train_per_task: more examples where a task learns slowest
     n_eval_per_task: int = 32  # held-out examples per task: enough to separate 0% from 80% exact match
     max_length: int = 256  # tokens per example; the built-in tasks use well under 128
     pad_to_multiple_of: int = 0  # pad batches to a multiple of this length (64: few shapes for compiled/CUDA-graph steps); 0: to the longest
@@ -52,6 +53,11 @@ class DataConfig(StrictConfig):
             raise self.error("max_length", f"must be >= 8, got {self.max_length}")
         if self.n_train_per_task < 1 or self.n_eval_per_task < 0:
             raise self.error("n_train_per_task", "must be >= 1 (and n_eval_per_task >= 0)")
+        if self.n_train_for and self.tasks == "none":
+            raise self.error("n_train_for", "sizes built-in tasks, but data.tasks is none (user files only)")
+        for task, n in self.n_train_for.items():
+            if n < 1:
+                raise self.error(f"n_train_for.{task}", f"must be >= 1, got {n}")
         if self.pad_to_multiple_of < 0 or (self.pad_to_multiple_of and self.max_length % self.pad_to_multiple_of):
             raise self.error("pad_to_multiple_of", f"must be >= 0 and divide max_length={self.max_length} (so that "
                              f"no padded batch is longer than max_length); got {self.pad_to_multiple_of}")
