@@ -13,7 +13,8 @@ runs/ is local to one checkout, so a later session's table still counts the earl
     and every seed agrees in sign; otherwise "within spread";
   * dead ranks/experts: those with zero load on every held-out token of every task (routing.json), per layer
     on average, for methods that route;
-  * with --json, the same numbers as data (summary()), for the model cards.
+  * with --json, the same numbers as data (summary()), for the model cards; an existing file keeps the entries
+    of methods this table does not hold.
 """
 
 from __future__ import annotations
@@ -152,6 +153,13 @@ def summary(runs: dict[str, dict[int, dict]]) -> dict:
     return out
 
 
+def write_summary(path: Path, runs: dict[str, dict[int, dict]]):
+    """summary(runs) into the JSON at path: the methods of this table replace their entries, the others stay
+    (model_cards/seeds.json gathers methods scored in different sessions)."""
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps(dict(sorted({**kept, **summary(runs)}.items())), indent=1) + "\n")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("roots", type=Path, nargs="+", help="folders of <seed>/<name> runs (scripts/seed_runs.sh's "
@@ -159,7 +167,8 @@ def main():
     p.add_argument("--baseline", default=None, help="method the paired differences are taken against")
     p.add_argument("--only", nargs="+", default=None, help="methods to include (default: all found)")
     p.add_argument("--out", type=Path, default=None, help="write the markdown here too")
-    p.add_argument("--json", type=Path, default=None, help="write the summary (summary()) as JSON here")
+    p.add_argument("--json", type=Path, default=None, help="write the summary (summary()) as JSON here; methods "
+                   "already in the file and not in this table are kept")
     p.add_argument("--record", type=Path, default=None, help="write each run's record to <here>/<seed>/<name>.json")
     a = p.parse_args()
     runs = load_runs(*a.roots)
@@ -176,7 +185,7 @@ def main():
     if a.out:
         a.out.write_text(text)
     if a.json:
-        a.json.write_text(json.dumps(summary(runs), indent=1) + "\n")
+        write_summary(a.json, runs)
 
 
 if __name__ == "__main__":

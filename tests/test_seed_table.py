@@ -97,3 +97,14 @@ def test_empty_root_is_one_clear_error(tmp_path, capsys, monkeypatch):
         seed_table.main()
     assert exc.value.code == 2
     assert "no <seed>/<name>/eval/<name>/results.json or <seed>/<name>.json" in capsys.readouterr().err
+
+
+def test_json_replaces_this_tables_methods_and_keeps_the_others(tmp_path):
+    out = tmp_path / "seeds.json"
+    out.write_text(json.dumps({"lora-64": {"seeds": [42, 43]}, "xlora": {"seeds": [1]}}))
+    for seed in (42, 43):
+        write_run(tmp_path / "runs", seed, "xlora", {"add": 40.0 + seed})
+    seed_table.write_summary(out, seed_table.load_runs(tmp_path / "runs"))
+    data = json.loads(out.read_text())
+    assert list(data) == ["lora-64", "xlora"] and data["lora-64"] == {"seeds": [42, 43]}
+    assert data["xlora"]["seeds"] == [42, 43] and data["xlora"]["average"]["mean"] == 82.5
