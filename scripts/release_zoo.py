@@ -158,7 +158,7 @@ def spread_sentence(spread: dict | None) -> str:
                 "command on later code moved its average by 4.9 points. Compare checkpoints by larger gaps only.")
     avg = spread["average"]
     return (f"the same command, rerun on the code of 2026-12-02 under {seeds_phrase(spread['seeds'])}, each\n"
-            f"scored on its own seed's held-out split (`benchmarks/RESULTS.md` §9-10), averaged **{avg['mean']:.1f} ± "
+            f"scored on its own seed's held-out split (`benchmarks/RESULTS.md` §9-12), averaged **{avg['mean']:.1f} ± "
             f"{avg['sd']:.1f}**\n(per seed: {', '.join(f'{v:.1f}' for v in avg['per_seed'])}; per task in the last "
             f"column below). That spread is what a\ncomparison with this checkpoint has to beat.")
 
