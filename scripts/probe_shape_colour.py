@@ -12,6 +12,7 @@ does not puts the fault on the LM side (attention to the shape's tokens, the ans
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -34,7 +35,9 @@ def scenes(rows, one_shape: bool):
 def main(argv=None):
     import moelora
 
-    checkpoint = (argv or sys.argv[1:])[0]
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("checkpoint", help="a multimodal adapter folder with our conv image encoder")
+    checkpoint = p.parse_args(argv).checkpoint
     train, evals = build_multimodal_suite(["shape_color"], n_train_per_task=600, n_eval_per_task=64, seed=42)
     model, _ = moelora.load(checkpoint)
     model.eval()

@@ -9,9 +9,10 @@
 #
 # Each scored run's record (its scores and routing loads, a few KB) is copied to benchmarks/results/seeds/<seed>/
 # <name>.json, which is committed: runs/ stays on one machine, the records let a later session's tables count
-# every seed run so far. Runs with a record or with results.json in place are skipped, and a trained but
-# unscored run is only scored, so the queue can be stopped and resumed, across sessions too. Keep the machine otherwise idle: a second job on the 2 cores slowed a training
-# run ~10x (benchmarks/RESULTS.md §9), so runs go one at a time.
+# every seed run so far. Runs with a record are skipped, a scored run is only recorded and a trained but
+# unscored run only scored, so the queue can be stopped and resumed, across sessions too. Keep the machine
+# otherwise idle: a second job on the 2 cores slowed a training run ~10x (benchmarks/RESULTS.md §9), so runs go
+# one at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-42 43 44}
@@ -22,13 +23,11 @@ for seed in $SEEDS; do
   for name in $ONLY; do
     run="runs/seeds/$seed/$name"
     if [[ -f "$RECORDS/$seed/$name.json" ]]; then echo "== seed $seed $name: recorded"; continue; fi
-    if [[ -f "$run/eval/$name/results.json" ]]; then
-      $PY scripts/seed_table.py "runs/seeds" --only "$name" --record "$RECORDS" > /dev/null
-      echo "== seed $seed $name: done"; continue
+    if [[ ! -f "$run/eval/$name/results.json" ]]; then
+      SEED=$seed RUNS="runs/seeds/$seed" ONLY="$name" LAUNCH="$PY" scripts/build_zoo.sh
+      $PY evaluate.py --checkpoint "$run/adapter" --no-base --no-plots --seed "$seed" --out "$run/eval.tmp"
+      rm -rf "$run/eval" && mv "$run/eval.tmp" "$run/eval"
     fi
-    SEED=$seed RUNS="runs/seeds/$seed" ONLY="$name" LAUNCH="$PY" scripts/build_zoo.sh
-    $PY evaluate.py --checkpoint "$run/adapter" --no-base --no-plots --seed "$seed" --out "$run/eval.tmp"
-    rm -rf "$run/eval" && mv "$run/eval.tmp" "$run/eval"
-    $PY scripts/seed_table.py "runs/seeds" --only "$name" --record "$RECORDS" > /dev/null
+    $PY scripts/seed_table.py runs/seeds --only "$name" --record "$RECORDS" > /dev/null  # rewrites this name's other seeds' records identically
   done
 done
