@@ -11,7 +11,7 @@ For each routing pattern it times, forward and forward+backward (W frozen, x req
     torch  the same with the torch dense-masked path
 and reports the adapter's overhead over the base linear, its speed-up over the torch path, and the
 fraction of the roofline the Triton adapter reaches (ideal time = max(FLOPs / peak, bytes / bandwidth)
-for the FLOPs the kernels execute and the bytes an ideal un-fused branch must move; see kernels/DESIGN.md).
+for the FLOPs the kernels execute and the bytes an ideal un-fused branch must move; see moelora/kernels/DESIGN.md).
 Not a test: it needs a CUDA GPU and exits with a message without one. `--device cpu` runs the same code
 under Triton's interpreter with a wall-clock timer, at tiny shapes, to test the script (its numbers mean
 nothing: the interpreter is ~1000x slower than a GPU).

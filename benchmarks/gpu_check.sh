@@ -79,7 +79,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTH
 START=$(date +%s)
 FAILED=0
 
-# The GPU machine starts bare: make `moelora` (and moelora.kernels, which lives in kernels/) importable offline.
+# The GPU machine starts bare: make `moelora` (kernels included) importable offline.
 if ! "$PY" -c "import moelora.kernels" 2>/dev/null; then
   echo "installing moelora (no dependencies, offline) for $PY"
   if ! "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e "$ROOT" >"$OUT/install.txt" 2>&1; then

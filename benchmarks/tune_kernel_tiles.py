@@ -1,4 +1,4 @@
-"""Choose `GPU_TILES` of kernels/rank_activation.py on the GPU at hand, by coordinate descent.
+"""Choose `GPU_TILES` of moelora/kernels/rank_activation.py on the GPU at hand, by coordinate descent.
 
     python benchmarks/tune_kernel_tiles.py                    # d=4096, 8192 tokens, bf16 (bench_kernel's shape)
     python benchmarks/tune_kernel_tiles.py --rounds 2 --json tiles.json

@@ -17,6 +17,7 @@ request handling (loglikelihood, generate_until, chat templates) is used unchang
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 from lm_eval.api.registry import register_model
@@ -53,8 +54,20 @@ class MoELoRALM(HFLM):
         super().__init__(pretrained=model, tokenizer=tokenizer, backend="causal", **kwargs)
 
 
+def _repository_root_last() -> None:
+    """Move the repository root to the end of sys.path when it is first (`python -m` run from there).
+
+    The root holds evaluate.py, and some of lm-eval's tasks (humaneval, xquad, ...) `import evaluate`, meaning
+    Hugging Face's package: found first, our script would stand in for it. Last, moelora still imports from it.
+    """
+    root = Path(__file__).resolve().parent.parent
+    if sys.path and Path(sys.path[0] or ".").resolve() == root and (root / "evaluate.py").is_file():
+        sys.path.append(sys.path.pop(0))
+
+
 def main(argv: list[str] | None = None) -> None:
     """lm-eval's command line with the "moelora" model type registered (see the module docstring)."""
+    _repository_root_last()
     from lm_eval.__main__ import cli_evaluate
 
     if argv is not None:

@@ -1,4 +1,4 @@
-"""Triton path of `moelora.ops.rank_activation` (forward and backward): the entry point. Design: kernels/DESIGN.md.
+"""Triton path of `moelora.ops.rank_activation` (forward and backward): the entry point. Design: moelora/kernels/DESIGN.md.
 
     y[n] = out[n] + s * sum_j g[n, j] * B[:, blk(iB[n, j])] @ (A[blk(iA[n, j]), :] @ x[n])
 
