@@ -178,6 +178,7 @@ class AudioEncoder(nn.Module):
 
 
 PARTS = ("encoders", "projectors")  # what freeze_* and *_learning_rate name (besides the adapters)
+MEDIA_KINDS = ("image", "audio")  # the encoders a multimodal model owns; what per-modality rates name
 
 
 def part_of(name: str) -> str:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, DataError, short_repr
-from .encoders import PARTS, EncoderConfig, build_encoder, part_of
+from .encoders import MEDIA_KINDS, PARTS, EncoderConfig, build_encoder, part_of
 
 _IMAGE, _AUDIO = 1, 2  # media_mask values (moelora.data.media)
 MEDIA_KEYS = ("media_mask", "images", "audio")  # the forward/generate inputs the encoders consume
@@ -58,7 +58,7 @@ class MediaEncoders(nn.Module):
     def named_part_parameters(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """{"encoders": [(name, p)...], "projectors": [...]}, names relative to this module."""
         parts = {part: [] for part in PARTS}
-        for kind in ("image", "audio"):
+        for kind in MEDIA_KINDS:
             for name, p in getattr(self, kind).named_parameters():
                 parts[part_of(name)].append((f"{kind}.{name}", p))
         return parts

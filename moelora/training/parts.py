@@ -10,6 +10,7 @@ frozen: the LM runs as the base model on the projected features), as LLaVA's fir
 from __future__ import annotations
 
 from ..errors import ConfigError
+from ..multimodal.encoders import MEDIA_KINDS, PARTS
 
 
 def configure_parts(model, cfg) -> None:
@@ -33,21 +34,40 @@ def configure_parts(model, cfg) -> None:
 
 
 def part_parameters(model) -> dict[str, list]:
-    """{"adapters": [...], "encoders": [...], "projectors": [...]}: the model's trainable parameters by part."""
-    parts = {"adapters": [], "encoders": [], "projectors": []}
+    """{"adapters": [...], "encoders.image": [...], "encoders.audio": [...], "projectors.image": [...],
+    "projectors.audio": [...]}: the model's trainable parameters by part (and, below the adapters, by modality)."""
+    parts = {"adapters": [], **{f"{part}.{kind}": [] for part in PARTS for kind in MEDIA_KINDS}}
     owner = {}
     encoders = model._modules.get("encoders")
     if encoders is not None:
-        owner = {id(p): part for part, named in encoders.named_part_parameters().items() for _, p in named}
+        for part, named in encoders.named_part_parameters().items():
+            for name, p in named:  # names start with their modality: image.*, audio.*
+                owner[id(p)] = f"{part}.{name.split('.', 1)[0]}"
     for p in model.trainable_parameters():
         parts[owner.get(id(p), "adapters")].append(p)
     return parts
 
 
+def part_rate(value: float | dict | None, modality: str, default: float) -> float:
+    """One part's rate for one modality: `value` is a rate, {modality: rate} (others: default), or None."""
+    if isinstance(value, dict):
+        value = value.get(modality)
+    return default if value is None else value
+
+
 def parameter_groups(model, cfg) -> list[dict]:
-    """AdamW parameter groups, one per part that trains, each with its learning rate (None: learning_rate)."""
-    rates = {"adapters": cfg.learning_rate,
-             "encoders": cfg.encoder_learning_rate if cfg.encoder_learning_rate is not None else cfg.learning_rate,
-             "projectors": cfg.projector_learning_rate if cfg.projector_learning_rate is not None else cfg.learning_rate}
-    return [{"params": params, "lr": rates[part], "name": part} for part, params in part_parameters(model).items()
-            if params]
+    """AdamW parameter groups, one per part that trains, each with its learning rate (None: learning_rate).
+
+    A part whose rate is a mapping {image: ..., audio: ...} gets one group per modality ("encoders.image"); a
+    part with one rate keeps one group ("encoders"), so runs that do not split keep their optimizer layout."""
+    rates = {"encoders": cfg.encoder_learning_rate, "projectors": cfg.projector_learning_rate}
+    groups: dict[str, dict] = {}
+    for key, params in part_parameters(model).items():
+        if not params:
+            continue
+        part, _, modality = key.partition(".")
+        lr = cfg.learning_rate if part == "adapters" else part_rate(rates[part], modality, cfg.learning_rate)
+        name = key if isinstance(rates.get(part), dict) else part
+        group = groups.setdefault(name, {"params": [], "lr": lr, "name": name})
+        group["params"].extend(params)
+    return list(groups.values())

@@ -129,6 +129,24 @@ def test_per_part_learning_rates_land_in_the_optimizer_groups(tmp_path):
     assert counts[2] == len(model.encoders.named_part_parameters()["projectors"])
 
 
+
+def test_per_modality_learning_rates_split_the_groups(tmp_path):
+    """{image: r, audio: r'}: each modality's encoder (or projector) is its own group at its own rate; a modality
+    left out of the mapping trains at learning_rate; a part given one rate stays one group."""
+    out = tmp_path / "run"
+    train.main([*TINY, "learning_rate=1e-3", "encoder_learning_rate={image: 3.0e-3, audio: 1.0e-4}",
+                "projector_learning_rate={image: 2.0e-3}", "max_steps=3", "save_steps=2", f"output_dir={out}"])
+    groups = json.loads((out / "checkpoint-2/trainer_state.json").read_text())["optimizer"]["param_groups"]
+    assert [g["name"] for g in groups] == ["adapters", "encoders.image", "encoders.audio", "projectors.image",
+                                           "projectors.audio"]
+    assert [g["initial_lr"] for g in groups] == [1e-3, 3e-3, 1e-4, 2e-3, 1e-3]
+    model = moelora.MoELoRAModel.from_pretrained(resolve_base_model("tiny-random-llama")[0], out / "adapter")
+    named = model.encoders.named_part_parameters()
+    for group in groups[1:]:
+        part, kind = group["name"].split(".")
+        assert len(group["params"]) == sum(n.startswith(f"{kind}.") for n, _ in named[part]) > 0, group["name"]
+
+
 @pytest.mark.parametrize("overrides, names", [
     (["init_encoders_from={tmp}/missing"], ["init_encoders_from", "not found"]),
     (["init_encoders_from={tmp}/align", "encoders.image_width=16"], ["init_encoders_from", "image_width"]),
@@ -136,6 +154,10 @@ def test_per_part_learning_rates_land_in_the_optimizer_groups(tmp_path):
     (["data.suite=text", "stage=align"], ["stage", "multimodal"]),
     (["stage=align", "freeze_encoders=true", "freeze_projectors=true"], ["stage", "nothing"]),
     (["encoder_learning_rate=-1"], ["encoder_learning_rate", "> 0"]),
+    (["encoder_learning_rate={{image: 1.0e-3, video: 1.0e-3}}"], ["encoder_learning_rate", "video", "image, audio"]),
+    (["projector_learning_rate={{audio: 0}}"], ["projector_learning_rate.audio", "> 0"]),
+    (["encoder_learning_rate={{}}"], ["encoder_learning_rate", "empty"]),
+    (["data.suite=text", "encoder_learning_rate={{image: 1.0e-3}}"], ["encoder_learning_rate", "multimodal"]),
 ])
 def test_bad_stage_inputs_are_one_line(overrides, names, tmp_path, capsys):
     if "align" in overrides[0]:
