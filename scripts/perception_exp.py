@@ -40,6 +40,7 @@ def main():
     p.add_argument("--proj-scale", type=float, default=1.0, help="multiply projector last-layer init")
     p.add_argument("--no-feature-norm", action="store_true", help="encoders without feature_norm")
     p.add_argument("--no-pos", action="store_true", help="encoders without position_embedding")
+    p.add_argument("--token-norm", action="store_true", help="encoders with token_norm")
     p.add_argument("--bs", type=int, default=8)
     p.add_argument("--n-train", type=int, default=600)
     p.add_argument("--seed", type=int, default=42)
@@ -50,7 +51,8 @@ def main():
     base, tok = resolve_base_model("smollm2-135m-instruct")
     model = get_moelora_model(base, LoRAConfig(r=a.r, alpha=2 * a.r, target_modules=a.targets),
                               encoders=EncoderConfig(image_grid=a.grid, feature_norm=not a.no_feature_norm,
-                                                           position_embedding=not a.no_pos))
+                                                           position_embedding=not a.no_pos,
+                                                     token_norm=a.token_norm))
     if a.proj_scale != 1.0:
         with torch.no_grad():
             for enc in (model.encoders.image, model.encoders.audio):

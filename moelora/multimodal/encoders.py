@@ -6,6 +6,7 @@ Ours are trained from scratch (the LM stays frozen), so they are small and fast 
     log-mel [M, F]    -> 3 x conv1d (k 5, stride 2)            -> avg-pool to audio_tokens    -> audio_tokens tokens
     + position        -> a learned vector per token slot (zero at the start), as ViT's position embeddings
     projector         -> Linear(width -> d) . GELU . Linear(d -> d)       (Phi-4's projector shape)
+                         [. every token rescaled to the embeddings' RMS, with token_norm]
 
 With `feature_norm` (the default) pictures are centred to [-1, 1] (SigLIP's normalisation), the conv layers are
 initialised to keep their input's variance (He init, zero biases) and a LayerNorm closes the feature extractor;
@@ -55,6 +56,11 @@ class EncoderConfig(StrictConfig):
     # Zero-initialised: a fresh encoder's tokens are those without it. Our conv encoders only (a pretrained ViT or
     # Whisper has its own). false: checkpoints saved before it.
     position_embedding: bool = True
+    # Every projected token rescaled to the token embeddings' RMS (a parameter-free RMS norm at the projector's
+    # end). Trained without it the tokens grow to 20-60x the embeddings' scale (RESULTS.md §14), so the residual
+    # stream at a media position is its input at every layer. Off by default: in a 240-step align probe it
+    # changed neither the loss curve nor exact match beyond noise (§14); untested on the full recipe.
+    token_norm: bool = False
     # A local HF vision model folder (CLIP/SigLIP, or its vision tower) as the image feature extractor instead of
     # our conv; None: ours (no download, trains from scratch). image_width is then the model's hidden size.
     image_model: str | None = None
@@ -84,10 +90,27 @@ class EncoderConfig(StrictConfig):
 _GELU_RMS = 0.6518  # sqrt(E[GELU(z)^2]) for z ~ N(0, 1)
 
 
-def projector(width: int, hidden: int, embed_std: float) -> nn.Sequential:
+class TokenScale(nn.Module):
+    """Rescales every token (last dim) to RMS `scale`; no parameters, so it adds no checkpoint keys."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = float(scale)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rms = tokens.float().pow(2).mean(-1, keepdim=True).add(1e-12).sqrt()  # fp32: bf16 squares underflow
+        return (tokens.float() * (self.scale / rms)).to(tokens.dtype)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.4g}"
+
+
+def projector(width: int, hidden: int, embed_std: float, token_norm: bool = False) -> nn.Sequential:
     """Linear . GELU . Linear whose outputs have the embeddings' RMS for unit-variance inputs: the first layer
-    keeps the variance (no bias, which would add the same vector to every token), the last scales GELU's."""
-    proj = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+    keeps the variance (no bias, which would add the same vector to every token), the last scales GELU's.
+    `token_norm`: a TokenScale after it keeps them there through training (EncoderConfig.token_norm)."""
+    proj = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden),
+                         *([TokenScale(embed_std)] if token_norm else []))
     with torch.no_grad():
         nn.init.normal_(proj[0].weight, std=1 / math.sqrt(width))
         proj[0].bias.zero_()
@@ -137,7 +160,7 @@ class ImageEncoder(nn.Module):
             nn.AdaptiveAvgPool2d(cfg.image_grid),
         ], w)
         self.pos = token_positions(cfg, cfg.image_grid ** 2, w)
-        self.proj = projector(w, hidden, embed_std)
+        self.proj = projector(w, hidden, embed_std, cfg.token_norm)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """[n, C, H, W] -> [n, grid², width]: what the projector reads."""
@@ -164,7 +187,7 @@ class AudioEncoder(nn.Module):
             nn.AdaptiveAvgPool1d(cfg.audio_tokens),
         ], w)
         self.pos = token_positions(cfg, cfg.audio_tokens, w)
-        self.proj = projector(w, hidden, embed_std)
+        self.proj = projector(w, hidden, embed_std, cfg.token_norm)
 
     def features(self, mels: torch.Tensor) -> torch.Tensor:
         """[n, n_mels, frames] -> [n, audio_tokens, width]: what the projector(s) read."""
