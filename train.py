@@ -68,7 +68,7 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     from moelora.training.batches import BatchOrder
     from moelora.errors import ConfigError, TrainingError, short_repr
     from moelora.training.output_dir import check_output_dir, claim_output_dir, continue_data_selection
-    from moelora.training.parts import configure_parts, parameter_groups
+    from moelora.training.parts import configure_parts, logged_rates, parameter_groups
     from moelora.training.metrics import MetricsLogger, name_layers, router_health, summarise_router_stats
     from moelora.training.step_health import non_finite_error, read_step, weights_finite
     from moelora.training.state import (load_checkpoint, prune_checkpoints, read_trainer_state, resolve_resume,
@@ -303,7 +303,7 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
             loss_sum = accelerator.reduce(torch.tensor(window["loss"], device=accelerator.device), "sum")
             loss_mean = float(loss_sum) / window["steps"]  # exact token-mean LM loss per step, all processes
             stats = core.router_stats()
-            record = {"loss": loss_mean, "lr": scheduler.get_last_lr()[0], "epoch": order.epoch_of(counters["micro_step"]),
+            record = {"loss": loss_mean, **logged_rates(optimizer.param_groups), "epoch": order.epoch_of(counters["micro_step"]),
                       "tokens_per_s": window["tokens"] * accelerator.num_processes / elapsed,
                       "skipped_steps": counters["skipped_steps"], **summarise_router_stats(stats)}
             if step_norm is not None:  # the latest step's total gradient norm before clipping (as Trainer logs it)

@@ -71,3 +71,14 @@ def parameter_groups(model, cfg) -> list[dict]:
         group = groups.setdefault(name, {"params": [], "lr": lr, "name": name})
         group["params"].extend(params)
     return list(groups.values())
+
+
+def logged_rates(param_groups) -> dict[str, float]:
+    """What a log record says about learning rates: "lr", the adapters' rate (the first group's where the
+    adapters do not train, as in `stage: align`), and with more than one group "lr/<group>" for each, so a run
+    with per-part or per-modality rates logs every rate it trains with, not one of them as if it were all."""
+    rates = {g.get("name", str(i)): float(g["lr"]) for i, g in enumerate(param_groups)}
+    record = {"lr": rates.get("adapters", next(iter(rates.values())))}
+    if len(rates) > 1:
+        record.update({f"lr/{name}": lr for name, lr in rates.items()})
+    return record

@@ -130,6 +130,27 @@ def test_per_part_learning_rates_land_in_the_optimizer_groups(tmp_path):
 
 
 
+def test_every_group_rate_is_logged_by_name(tmp_path):
+    """"lr" is the adapters' rate; with several groups each rate is logged too (the first group's alone
+    mislabels an align run with per-modality rates)."""
+    out = tmp_path / "run"
+    train.main([*TINY, "learning_rate=1e-3", "encoder_learning_rate={image: 3e-3}", "projector_learning_rate=2e-4",
+                "logging_steps=1", f"output_dir={out}"])
+    first = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert {k: v for k, v in first.items() if k.startswith("lr")} == pytest.approx(
+        {"lr": 1e-3, "lr/adapters": 1e-3, "lr/encoders.image": 3e-3, "lr/encoders.audio": 1e-3, "lr/projectors": 2e-4})
+    align = tmp_path / "align"
+    train.main([*TINY, "stage=align", "learning_rate=1e-3", "logging_steps=1", f"output_dir={align}"])
+    first = json.loads((align / "log.jsonl").read_text().splitlines()[0])
+    assert {k: v for k, v in first.items() if k.startswith("lr")} == pytest.approx(
+        {"lr": 1e-3, "lr/encoders": 1e-3, "lr/projectors": 1e-3})
+    plain = tmp_path / "plain"
+    train.main([*TINY[:-1], "max_steps=1", "method={name: lora, r: 2, alpha: 4, target_modules: [q_proj]}",
+                "freeze_encoders=true", "freeze_projectors=true", "logging_steps=1", f"output_dir={plain}"])
+    first = json.loads((plain / "log.jsonl").read_text().splitlines()[0])
+    assert [k for k in first if k.startswith("lr")] == ["lr"]  # one group: one rate, as before
+
+
 def test_per_modality_learning_rates_split_the_groups(tmp_path):
     """{image: r, audio: r'}: each modality's encoder (or projector) is its own group at its own rate; a modality
     left out of the mapping trains at learning_rate; a part given one rate stays one group."""
