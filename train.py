@@ -157,7 +157,9 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     # --- 5. optimizer and schedule (the scheduler is stepped by hand: once per optimizer step) ---
     # One parameter group per part (adapters, encoders, projectors) with its own learning rate; the scheduler
     # scales every group alike.
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.learning_rate, cfg.encoder_learning_rate,
+                                                   cfg.projector_learning_rate),
+                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.warmup_ratio * max_steps),
                               num_training_steps=max_steps)
 

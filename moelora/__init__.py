@@ -14,9 +14,10 @@ from .model import MoELoRAModel, get_moelora_model, load  # noqa: E402
 from .generation import generate_answers  # noqa: E402  (greedy answers to chat prompts, text or with media)
 from .ops import rank_activation  # noqa: E402
 from .registry import METHODS, config_from_dict, get_method, register_method  # noqa: E402
+from .training.parts import parameter_groups  # noqa: E402  (optimizer groups with per-part rates, for own loops)
 
 __all__ = [
     "__version__", "MoeloraError", "ConfigError", "DataError", "CheckpointError", "BaseModelError",
     "MoELoRAModel", "get_moelora_model", "load", "generate_answers", "rank_activation",
-    "METHODS", "config_from_dict", "get_method", "register_method", *_methods.__all__,
+    "METHODS", "config_from_dict", "get_method", "register_method", "parameter_groups", *_methods.__all__,
 ]

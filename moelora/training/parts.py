@@ -55,18 +55,25 @@ def part_rate(value: float | dict | None, modality: str, default: float) -> floa
     return default if value is None else value
 
 
-def parameter_groups(model, cfg) -> list[dict]:
+def parameter_groups(model, learning_rate: float, encoder_learning_rate=None, projector_learning_rate=None) -> list[dict]:
     """AdamW parameter groups, one per part that trains, each with its learning rate (None: learning_rate).
+    train.py passes its config's rates; a Trainer script passes the same to its own optimizer:
+    ``torch.optim.AdamW(moelora.parameter_groups(model, 1e-3, encoder_learning_rate={"image": 3e-3}))``.
 
     A part whose rate is a mapping {image: ..., audio: ...} gets one group per modality ("encoders.image"); a
     part with one rate keeps one group ("encoders"), so runs that do not split keep their optimizer layout."""
-    rates = {"encoders": cfg.encoder_learning_rate, "projectors": cfg.projector_learning_rate}
+    rates = {"encoders": encoder_learning_rate, "projectors": projector_learning_rate}
+    for part, value in rates.items():
+        unknown = sorted(set(value) - set(MEDIA_KINDS)) if isinstance(value, dict) else []
+        if unknown:
+            raise ConfigError(f"{part[:-1]}_learning_rate", f"names {', '.join(map(str, unknown))}; the "
+                              f"modalities are {', '.join(MEDIA_KINDS)}")
     groups: dict[str, dict] = {}
     for key, params in part_parameters(model).items():
         if not params:
             continue
         part, _, modality = key.partition(".")
-        lr = cfg.learning_rate if part == "adapters" else part_rate(rates[part], modality, cfg.learning_rate)
+        lr = learning_rate if part == "adapters" else part_rate(rates[part], modality, learning_rate)
         name = key if isinstance(rates.get(part), dict) else part
         group = groups.setdefault(name, {"params": [], "lr": lr, "name": name})
         group["params"].extend(params)

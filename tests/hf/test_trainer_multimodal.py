@@ -84,3 +84,33 @@ def test_multimodal_trainer_trains_checkpoints_encoders_and_resumes(method, enco
     again.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
     assert again.state.global_step == 2
     torch.testing.assert_close(_logits(resumed, batch), want, atol=1e-5, rtol=1e-4)
+
+
+def test_per_part_rates_reach_a_trainer_through_parameter_groups(tmp_path):
+    """train.py's encoder_/projector_learning_rate in a Trainer script: the optimizer's groups come from
+    moelora.parameter_groups. The image encoder and projector at rate 0 stay exactly as they were while the
+    audio ones and the adapters train, under Trainer's own scheduler."""
+    from transformers import Trainer, TrainingArguments
+
+    tokenizer = build_tiny_tokenizer()
+    model = _model("lora", True)
+    groups = moelora.parameter_groups(model, 1e-2, encoder_learning_rate={"image": 0.0},
+                                      projector_learning_rate={"image": 0.0})
+    assert [g["name"] for g in groups] == ["adapters", "encoders.image", "encoders.audio", "projectors.image",
+                                           "projectors.audio"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to="none", max_steps=2,
+                             per_device_train_batch_size=2, logging_steps=1, save_strategy="no", disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=_dataset(model, tokenizer),
+            data_collator=MultimodalCollator(tokenizer.pad_token_id),
+            optimizers=(torch.optim.AdamW(groups, weight_decay=0.0), None)).train()
+    changed = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
+    assert not any(n.startswith("encoders.image.") for n in changed)
+    assert any(n.startswith("encoders.audio.proj") for n in changed)
+    assert any(n.startswith("encoders.audio.conv") for n in changed)
+    assert any(not n.startswith("encoders.") for n in changed)
+
+
+def test_parameter_groups_name_a_bad_modality():
+    with pytest.raises(moelora.ConfigError, match="encoder_learning_rate.*names video; the modalities are image"):
+        moelora.parameter_groups(_model("lora", True), 1e-3, encoder_learning_rate={"video": 1e-3})

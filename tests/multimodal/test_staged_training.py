@@ -94,7 +94,7 @@ def test_align_runs_the_lm_without_adapters():
     assert not torch.isclose(joint, aligned) and torch.equal(aligned.detach(), reference)
     assert all(p.grad is None and not p.requires_grad for layer in layers for n, p in layer.named_parameters()
                if not n.startswith("base_layer."))
-    assert [g["name"] for g in parameter_groups(model, cfg)] == ["encoders", "projectors"]
+    assert [g["name"] for g in parameter_groups(model, cfg.learning_rate)] == ["encoders", "projectors"]
 
 
 def test_second_stage_starts_from_the_align_run(tmp_path):
