@@ -10,6 +10,8 @@
 2. Scale: per-token RMS of projected media tokens against the LM's token embeddings.
 3. Gradients: norms reaching encoder, projector and adapter parameters in one training batch.
 4. Attention: the share of attention the answer's first position pays to media positions, per layer.
+6. Drift: per layer, the RMS of the hidden states at media and at text positions and their cosine with the
+   layer's input (the embeddings / projected tokens): how much the LM transforms what it is given.
 5. The pipeline itself: with each digit's own token embedding written into its image's placeholder slots
    (an "oracle" encoder) the frozen base LM should name the digit; with zeros it cannot.
 """
@@ -103,11 +105,33 @@ def main(argv=None):
     report["scale"]["token embeddings"] = float(emb.pow(2).mean(-1).sqrt().mean())
     print("scale", json.dumps(report["scale"]), flush=True)
     report.update(gradients_and_attention(model, tok, train))
+    report["drift"] = drift(model, tok, evals)
     report["oracle_digit_read"] = oracle(model, tok, evals)
     print("oracle", json.dumps(report["oracle_digit_read"]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print("wrote", args.out)
+
+
+@torch.no_grad()
+def drift(model, tok, evals) -> dict:
+    """{layer: RMS and cosine with the input, at media and at text positions} over image and audio prompts."""
+    from moelora.data.media import MultimodalCollator, encode_multimodal_examples
+
+    rows = [ex for t in ("digit_read", "spoken_digit") for ex in evals if ex["task"] == t][:32]
+    batch = MultimodalCollator(tok.pad_token_id)(encode_multimodal_examples(tok, rows, 128, model.media_tokens))
+    batch = {k: v for k, v in batch.items() if k != "task"}
+    model.eval()
+    hidden = model(**batch, output_hidden_states=True).hidden_states
+    media = batch["media_mask"] != 0
+    where = {"media": media, "text": (batch["attention_mask"] != 0) & ~media}
+    out = {}
+    for layer, h in enumerate(hidden):
+        out[layer] = {f"{k} {stat}": round(float(v), 4) for k, m in where.items() for stat, v in (
+            ("RMS", h[m].pow(2).mean(-1).sqrt().mean()),
+            ("cos to input", torch.nn.functional.cosine_similarity(h[m], hidden[0][m], dim=-1).mean()))}
+    print("drift", json.dumps({k: out[k] for k in (0, 1, 5, 10, len(hidden) - 1)}), flush=True)
+    return out
 
 
 def gradients_and_attention(model, tok, train) -> dict:
