@@ -118,7 +118,7 @@ def drift(model, tok, evals) -> dict:
     """{layer: RMS and cosine with the input, at media and at text positions} over image and audio prompts."""
     from moelora.data.media import MultimodalCollator, encode_multimodal_examples
 
-    rows = [ex for t in ("digit_read", "spoken_digit") for ex in evals if ex["task"] == t][:32]
+    rows = [ex for t in ("digit_read", "spoken_digit") for ex in [e for e in evals if e["task"] == t][:16]]
     batch = MultimodalCollator(tok.pad_token_id)(encode_multimodal_examples(tok, rows, 128, model.media_tokens))
     batch = {k: v for k, v in batch.items() if k != "task"}
     model.eval()
