@@ -150,7 +150,8 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     check_positions(cfg, base.config, tokenizer, eval_examples if evaluating else [],
                     getattr(model, "media_tokens", None))
     order = BatchOrder(len(train_set), cfg.per_device_train_batch_size, accelerator.num_processes,
-                       accelerator.process_index, cfg.seed)
+                       accelerator.process_index, cfg.seed,
+                       lengths=[len(row["input_ids"]) for row in train_set] if cfg.data.group_by_length else None)
     g = cfg.gradient_accumulation_steps
     max_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * order.batches_per_epoch / g)
 

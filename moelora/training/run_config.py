@@ -42,6 +42,7 @@ class DataConfig(StrictConfig):
     n_eval_per_task: int = 32  # held-out examples per task: enough to separate 0% from 80% exact match
     max_length: int = 256  # tokens per example; the built-in tasks use well under 128
     pad_to_multiple_of: int = 0  # pad batches to a multiple of this length (64: few shapes for compiled/CUDA-graph steps); 0: to the longest
+    group_by_length: bool = False  # batches of similar length (HF's group_by_length): less padding, so faster steps when lengths vary; off keeps the plain shuffle
 
     def validate(self):
         if self.tasks == "auto":  # resolved here, so the saved training_config names what was trained on
