@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .data.multimodal import DEFAULT_TEXT_TASKS, MULTIMODAL_TASKS
+from .data.multimodal import DEFAULT_TEXT_TASKS, MEDIA_TASKS, MULTIMODAL_TASKS
 from .data.tasks import TASKS
 from .errors import DataError
 from .evaluation import evaluate_exact_match
@@ -30,7 +30,7 @@ def suite_task_names(suite: str) -> list[str]:
 
 
 def needs_media(task: str) -> bool:
-    return task in MULTIMODAL_TASKS
+    return task in MEDIA_TASKS
 
 
 def load_eval_examples(tasks: Sequence[str], n_eval_per_task: int, seed: int,
@@ -42,8 +42,8 @@ def load_eval_examples(tasks: Sequence[str], n_eval_per_task: int, seed: int,
     from .data.user_data import load_user_data
 
     text = [t for t in tasks if t in TASKS]
-    media = [t for t in tasks if t in MULTIMODAL_TASKS]
-    unknown = [t for t in tasks if t not in TASKS and t not in MULTIMODAL_TASKS]
+    media = [t for t in tasks if t in MEDIA_TASKS]
+    unknown = [t for t in tasks if t not in TASKS and t not in MEDIA_TASKS]
     if unknown:
         resolve_task_names(unknown)  # raises with a "did you mean" for the first unknown name
     examples = []

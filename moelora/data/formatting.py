@@ -28,9 +28,23 @@ def end_of_turn_token(tokenizer) -> str:
     return tokenizer.eos_token
 
 
+PLAIN = "plain"  # an example's "template": its instruction is the prompt as it is, no chat template
+
+
 def split_prompt_response(tokenizer, example: dict) -> tuple[str, str]:
-    """Rendered prompt text (chat template + generation prompt) and the raw target response."""
+    """Rendered prompt text (chat template + generation prompt) and the raw target response.
+
+    An example with ``"template": "plain"`` is rendered without the chat template: the prompt is its
+    instruction as written (LLaVA's "plain" pre-training conversations: the medium, then its caption)."""
     task = example.get("task", "?")
+    template = example.get("template")
+    if template is not None and template != PLAIN:
+        raise DataError(f"example of task '{task}' has template {template!r}; the only one known is '{PLAIN}' "
+                        "(leave it out for the tokenizer's chat template)")
+    if template == PLAIN:
+        if example.get("messages") is not None or "instruction" not in example or "response" not in example:
+            raise DataError(f"a '{PLAIN}' example of task '{task}' needs 'instruction' and 'response' (no 'messages')")
+        return example["instruction"], example["response"]
     if example.get("messages") is not None:
         msgs = list(example["messages"])
         last = max((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)

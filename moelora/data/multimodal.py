@@ -12,6 +12,13 @@ Speech (espeak-ng, 6 voices x 4 speeds x pitches):
 Vision + speech (Phi-4's VISION_SPEECH mode):
   ``digit_audio_match`` a digit scan and a spoken digit -> "yes" if they agree, else "no"
 Text, mixed in: any task of the text suite (``data.tasks: all`` adds ``add`` and ``reverse_word``).
+Captions, for the align stage (named, never in ``all``; LLaVA's stage-1 data): one picture or clip, no
+question and no chat template ("plain", as LLaVA's pre-training conversations), the whole content as answer:
+  ``caption_digit``    a digit scan -> "7"
+  ``caption_shapes``   1-4 shapes -> every shape with its colour in reading order: "red square, blue cross"
+  ``caption_speech``   a clip of any speech task's text -> that text: "seven", "zebra", "seven plus two"
+A caption names everything in the medium, so one example teaches every shape's colour where a shape_color
+question teaches one, and the sequence is a third of a question's length (no system prompt, no question).
 
 Splits are deterministic and disjoint: held-out examples use digit scans no training example uses (a
 fixed split of the scans), speech pitches no training clip uses (so every held-out clip is a new
@@ -90,13 +97,16 @@ def _transcribe_word(rng, split):
     return f"{AUDIO_MARKER}\nWrite down the spoken word.", w, [_clip(rng, split, w)]
 
 
-def _spoken_arithmetic(rng, split):
+def _expression(rng) -> tuple[str, int]:
     a, b = rng.randrange(10), rng.randrange(10)
     if rng.random() < 0.5:
-        text, result = f"{DIGIT_WORDS[a]} plus {DIGIT_WORDS[b]}", a + b
-    else:
-        a, b = max(a, b), min(a, b)
-        text, result = f"{DIGIT_WORDS[a]} minus {DIGIT_WORDS[b]}", a - b
+        return f"{DIGIT_WORDS[a]} plus {DIGIT_WORDS[b]}", a + b
+    a, b = max(a, b), min(a, b)
+    return f"{DIGIT_WORDS[a]} minus {DIGIT_WORDS[b]}", a - b
+
+
+def _spoken_arithmetic(rng, split):
+    text, result = _expression(rng)
     return f"{AUDIO_MARKER}\nCompute the spoken expression. Answer with the number only.", str(result), [_clip(rng, split, text)]
 
 
@@ -107,11 +117,41 @@ def _digit_audio_match(rng, split):
             "yes" if said == d else "no", [_scan(rng, split, d), _clip(rng, split, DIGIT_WORDS[said])])
 
 
+def _caption_digit(rng, split):
+    d = rng.randrange(10)
+    return IMAGE_MARKER, str(d), [_scan(rng, split, d)]
+
+
+def scene_caption(scene: images.ShapeScene) -> str:
+    """Every shape with its colour, in reading order of the grid cells: "red square, blue cross"."""
+    return ", ".join(f"{scene.colors[i]} {scene.shapes[i]}" for i in sorted(range(len(scene.cells)),
+                                                                             key=scene.cells.__getitem__))
+
+
+def _caption_shapes(rng, split):
+    if rng.random() < 0.5:  # shape_color's scenes (1-3 shapes of different kinds), else shape_count's (1-4, any)
+        kind, scene = _scene(rng, rng.randint(1, 3), distinct_shapes=True)
+    else:
+        kind, scene = _scene(rng, rng.randint(1, 4))
+    return IMAGE_MARKER, scene_caption(scene), [(kind, scene)]
+
+
+def _caption_speech(rng, split):
+    source = rng.randrange(3)  # the texts of spoken_digit, transcribe_word and spoken_arithmetic, a third each
+    text = (DIGIT_WORDS[rng.randrange(10)] if source == 0 else rng.choice(SPOKEN_WORDS) if source == 1
+            else _expression(rng)[0])
+    return AUDIO_MARKER, text, [_clip(rng, split, text)]
+
+
 MULTIMODAL_TASKS: dict[str, Callable] = {
     "digit_read": _digit_read, "digit_compare": _digit_compare, "shape_count": _shape_count,
     "shape_color": _shape_color, "spoken_digit": _spoken_digit, "transcribe_word": _transcribe_word,
     "spoken_arithmetic": _spoken_arithmetic, "digit_audio_match": _digit_audio_match,
 }
+CAPTION_TASKS: dict[str, Callable] = {  # the align stage's data; rendered "plain" (no chat template)
+    "caption_digit": _caption_digit, "caption_shapes": _caption_shapes, "caption_speech": _caption_speech,
+}
+MEDIA_TASKS: dict[str, Callable] = {**MULTIMODAL_TASKS, **CAPTION_TASKS}  # every task with images or audio
 
 
 def resolve_multimodal_task_names(tasks) -> list[str]:
@@ -122,12 +162,12 @@ def resolve_multimodal_task_names(tasks) -> list[str]:
         names = list(dict.fromkeys(tasks))
     if not names:
         raise DataError("no tasks selected for the multimodal suite")
-    known = list(MULTIMODAL_TASKS) + list(TEXT_TASKS)
+    known = list(MEDIA_TASKS) + list(TEXT_TASKS)
     for n in names:
         if n not in known:
             close = difflib.get_close_matches(str(n), known, n=1)
             raise DataError(f"unknown task '{n}'{f' (did you mean {close[0]!r}?)' if close else ''}; "
-                            f"multimodal tasks: all, {', '.join(MULTIMODAL_TASKS)}, or any text task")
+                            f"multimodal tasks: all, {', '.join(MEDIA_TASKS)}, or any text task")
     return names
 
 
@@ -138,11 +178,12 @@ def _draw(name: str, rng: random.Random, split: str, n: int, seen: set, asked: i
         if attempts > 50 * n + 1000:
             raise DataError(f"task '{name}' cannot produce {asked} distinct examples; lower n_train_per_task / "
                             "n_eval_per_task")
-        instruction, response, media = MULTIMODAL_TASKS[name](rng, split)
+        instruction, response, media = MEDIA_TASKS[name](rng, split)
         key = (instruction, tuple(media))
         if key not in seen:
             seen.add(key)
-            out.append({"task": name, "instruction": instruction, "response": response, "media": media})
+            out.append({"task": name, "instruction": instruction, "response": response, "media": media,
+                        **({"template": "plain"} if name in CAPTION_TASKS else {})})
     return out
 
 
@@ -177,7 +218,7 @@ def build_multimodal_suite(tasks="all", n_train_per_task: int = 200, n_eval_per_
     text = [n for n in names if n in TEXT_TASKS]
     train, evals = (build_task_suite(text, n_train_per_task, n_eval_per_task, seed,
                                      {t: counts[t] for t in text}) if text else ([], []))
-    for name in (n for n in names if n in MULTIMODAL_TASKS):
+    for name in (n for n in names if n in MEDIA_TASKS):
         rng = random.Random(seed * 1_000_003 + zlib.crc32(f"multimodal/{name}".encode()))
         seen: set = set()
         asked = counts[name] + n_eval_per_task

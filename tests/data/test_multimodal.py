@@ -10,7 +10,8 @@ from moelora.base_models import build_tiny_tokenizer
 from moelora.data import audio, images
 from moelora.data.formatting import IGNORE_INDEX, encode_examples
 from moelora.data.media import AUDIO, IMAGE, TEXT, MultimodalCollator, encode_multimodal_examples, encode_prompts
-from moelora.data.multimodal import DIGIT_WORDS, MULTIMODAL_TASKS, PITCHES, build_multimodal_suite
+from moelora.data.multimodal import (CAPTION_TASKS, DIGIT_WORDS, MULTIMODAL_TASKS, PITCHES, SPOKEN_WORDS,
+                                      build_multimodal_suite)
 from moelora.errors import DataError
 
 TOKENS = {"image": 4, "audio": 8}
@@ -188,3 +189,74 @@ def test_truncation_never_cuts_a_placeholder_and_text_models_refuse_media():
         encode_multimodal_examples(tok, _examples()[1:], 20, TOKENS)
     with pytest.raises(DataError, match="no encoders"):
         encode_multimodal_examples(tok, _examples()[1:], 256, None)
+
+
+# ---------------------------------------------------------------- captions: the align stage's data
+def _caption_from_sources(ex):
+    kind, *rest = ex["sources"][0]
+    if kind == "digit":
+        return str(images.digit_label(rest[0]))
+    if kind == "scene":
+        scene = rest[0]
+        by_cell = sorted(zip(scene.cells, scene.colors, scene.shapes))  # reading order = grid cell order
+        return ", ".join(f"{color} {shape}" for _, color, shape in by_cell)
+    return rest[0]  # speech: the text that was said
+
+
+@pytest.fixture(scope="module")
+def captions():
+    return build_multimodal_suite(list(CAPTION_TASKS), n_train_per_task=24, n_eval_per_task=4, seed=3)
+
+
+def test_captions_name_everything_in_their_medium(captions):
+    train, evals = captions
+    assert {ex["task"] for ex in evals} == set(CAPTION_TASKS)
+    for ex in train + evals:
+        assert ex["template"] == "plain" and len(ex["sources"]) == 1
+        assert ex["instruction"] == ("<audio>" if ex["task"] == "caption_speech" else "<image>")
+        assert ex["response"] == _caption_from_sources(ex)
+    spoken = {ex["response"] for ex in train if ex["task"] == "caption_speech"}
+    assert spoken & set(DIGIT_WORDS) and spoken & set(SPOKEN_WORDS) and any(" plus " in s or " minus " in s for s in spoken)
+    scenes = [ex["sources"][0][1] for ex in train if ex["task"] == "caption_shapes"]
+    assert any(len(s.shapes) == 4 for s in scenes) and any(len(set(s.shapes)) < len(s.shapes) for s in scenes)
+
+
+def test_captions_keep_the_held_out_split(captions):
+    train, evals = captions
+    held_out_scans = {i for d in images.digit_pools()["eval"].values() for i in d}
+    for ex in train:
+        src = ex["sources"][0]
+        assert not (src[0] == "digit" and src[1] in held_out_scans)
+        assert not (src[0] == "speech" and src[4] in PITCHES["eval"])
+    assert not {str(ex["sources"]) for ex in train} & {str(ex["sources"]) for ex in evals}
+
+
+def test_captions_are_not_part_of_all_and_evaluate_can_score_them():
+    from moelora.eval_suite import load_eval_examples, needs_media, suite_task_names
+
+    assert not set(CAPTION_TASKS) & set(suite_task_names("multimodal"))
+    assert all(needs_media(t) for t in CAPTION_TASKS)
+    by_task = load_eval_examples(["caption_shapes", "add"], 2, seed=0)
+    assert list(by_task) == ["caption_shapes", "add"] and by_task["caption_shapes"][0]["template"] == "plain"
+
+
+def test_plain_examples_are_the_medium_then_the_caption(captions):
+    tok = build_tiny_tokenizer()
+    ex = next(e for e in captions[0] if e["task"] == "caption_shapes")
+    row = encode_multimodal_examples(tok, [ex], 64, TOKENS)[0]
+    caption = tok(ex["response"], add_special_tokens=False)["input_ids"]
+    assert row["input_ids"] == [tok.pad_token_id] * TOKENS["image"] + caption + [row["input_ids"][-1]]
+    assert row["media_mask"][:TOKENS["image"]] == [IMAGE] * TOKENS["image"]
+    assert row["labels"] == [IGNORE_INDEX] * TOKENS["image"] + caption + [row["input_ids"][-1]]
+    ids, media = encode_prompts(tok, [ex], TOKENS)
+    assert ids == [[tok.pad_token_id] * TOKENS["image"]]  # generation starts right after the medium
+
+
+@pytest.mark.parametrize("example,match", [
+    ({"task": "t", "instruction": "x", "response": "y", "template": "llava"}, "template 'llava'.*only one known is 'plain'"),
+    ({"task": "t", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+      "template": "plain"}, "'plain' example of task 't' needs 'instruction' and 'response'"),
+])
+def test_bad_templates_are_named(example, match):
+    with pytest.raises(DataError, match=match):
+        encode_examples(build_tiny_tokenizer(), [example], 64)
