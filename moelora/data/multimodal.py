@@ -34,6 +34,7 @@ import zlib
 from typing import Callable
 
 from moelora.data import audio, images
+from moelora.data.formatting import PLAIN
 from moelora.data.media import AUDIO_MARKER, IMAGE_MARKER
 from moelora.data.tasks import TASKS as TEXT_TASKS
 from moelora.data.tasks import build_task_suite, train_counts
@@ -183,7 +184,7 @@ def _draw(name: str, rng: random.Random, split: str, n: int, seen: set, asked: i
         if key not in seen:
             seen.add(key)
             out.append({"task": name, "instruction": instruction, "response": response, "media": media,
-                        **({"template": "plain"} if name in CAPTION_TASKS else {})})
+                        **({"template": PLAIN} if name in CAPTION_TASKS else {})})
     return out
 
 
