@@ -14,7 +14,7 @@ from tests.training.test_train_cli import _log, _run
 QUIET = ["eval_before_training=false", "data.n_eval_per_task=0"]
 
 
-def _epoch(order: BatchOrder, epoch: int, world: int = 1) -> list[list[int]]:
+def _epoch(order: BatchOrder, epoch: int) -> list[list[int]]:
     """The epoch's global batches (every rank's part joined)."""
     first = epoch * order.batches_per_epoch
     return [order.indices(first + b) for b in range(order.batches_per_epoch)]
