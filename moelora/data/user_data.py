@@ -4,8 +4,9 @@ Each row is instruction style (``instruction`` + optional ``input`` + ``response
 OpenAI chat style (``messages``: a list of ``{"role", "content"}``) or ShareGPT style (``conversations``:
 a list of ``{"from", "value"}`` with ``from`` one of human/gpt/system, or user/assistant). A row may name
 its task (``task`` by default); rows without one get ``default_task``, unless the caller requires a task
-(methods that route by task label). Rows come back as ``{"task", "instruction", "response"}`` or
-``{"task", "messages"}``, ready for :mod:`moelora.data.formatting`. Bad input raises ``DataError``
+(methods that route by task label). An instruction row may carry ``"template": "plain"`` (its instruction
+is the whole prompt, no chat template: caption pre-training data, as the built-in align stage's). Rows come
+back as ``{"task", "instruction", "response"}`` (+ ``"template"``) or ``{"task", "messages"}``, ready for :mod:`moelora.data.formatting`. Bad input raises ``DataError``
 naming the file (and the first bad row index).
 """
 
@@ -15,6 +16,7 @@ import logging
 import os
 import tempfile
 
+from moelora.data.formatting import PLAIN
 from moelora.errors import DataError, short_repr
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -142,6 +144,7 @@ def _normalise(path, i: int, row: dict, task_field: str, default_task: str = DEF
                             "every row needs one)")
         task = default_task
     task = task.strip()
+    template = _template(where, row)
     if row.get("messages") is None and row.get("conversations") is not None:
         row = {**row, "messages": _sharegpt_messages(where, row["conversations"])}
     if row.get("messages") is not None:
@@ -153,6 +156,9 @@ def _normalise(path, i: int, row: dict, task_field: str, default_task: str = DEF
         if last == 0:
             raise DataError(f"{where}: 'messages' has nothing before its assistant message (no user or "
                             "system message to answer)")
+        if template is not None:
+            raise DataError(f"{where}: template '{PLAIN}' is for instruction rows; a chat ('messages' or "
+                            "'conversations') is always rendered with the tokenizer's chat template")
         return {"task": task, "messages": clean}
     for field in ("instruction", "input", "response", "output"):
         value = row.get(field)
@@ -168,4 +174,17 @@ def _normalise(path, i: int, row: dict, task_field: str, default_task: str = DEF
     extra = _text(row.get("input"))
     if extra and extra.strip():
         instruction = f"{instruction}\n\n{extra}"
-    return {"task": task, "instruction": instruction, "response": response}
+    return {"task": task, "instruction": instruction, "response": response,
+            **({"template": template} if template is not None else {})}
+
+
+def _template(where: str, row: dict) -> str | None:
+    """The row's ``template``: absent/null (the tokenizer's chat template) or "plain" (the instruction is the
+    prompt as it is, e.g. caption pre-training data); anything else is an error, not a silent chat render."""
+    template = row.get("template")
+    if template is None:
+        return None
+    if template != PLAIN:
+        raise DataError(f"{where}: 'template' is {short_repr(template)}; the only one known is '{PLAIN}' "
+                        "(leave it out for the tokenizer's chat template)")
+    return template

@@ -147,3 +147,27 @@ def test_unsupported_extension(tmp_path):
     path.write_text("task,instruction,response\n")
     with pytest.raises(DataError, match="data.csv"):
         load_user_data([str(path)])
+
+
+def test_plain_template_rows_keep_their_template_and_render_without_the_chat_template(tmp_path):
+    from moelora.data.formatting import split_prompt_response
+
+    plain = {"task": "caption", "instruction": "A photo of", "response": " a cat", "template": "plain"}
+    path = _jsonl(tmp_path / "p.jsonl", [plain, ROWS[0]])
+    rows = load_user_data(path)
+    assert rows == [plain, EXPECTED[0]]  # the chat row has no template key at all
+    tok = build_tiny_tokenizer()
+    assert split_prompt_response(tok, rows[0]) == ("A photo of", " a cat")
+    assert split_prompt_response(tok, rows[1])[0] != "Capital of France?"  # chat-rendered
+    parquet = tmp_path / "p.parquet"  # a column present in some rows only reads back as null elsewhere
+    pq.write_table(pa.Table.from_pylist([plain, {**ROWS[0], "template": None}]), parquet)
+    assert load_user_data(str(parquet)) == [plain, EXPECTED[0]]
+
+
+@pytest.mark.parametrize("row, match", [
+    ({"instruction": "x", "response": "y", "template": "chatml"}, r"row index 0: 'template' is 'chatml'"),
+    ({**CHAT, "template": "plain"}, r"row index 0: template 'plain' is for instruction rows"),
+])
+def test_bad_template_names_file_row_and_value(tmp_path, row, match):
+    with pytest.raises(DataError, match=match):
+        load_user_data(_jsonl(tmp_path / "t.jsonl", [row]))
