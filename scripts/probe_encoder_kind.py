@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Can our conv image encoder tell a square from a cross from a triangle when it is taught to directly? (issue 18)
 
-    python scripts/probe_encoder_kind.py --seeds 0 1 > benchmarks/results/perception_2026-12-07_s14/encoder_kind_supervised.json
+    python scripts/probe_encoder_kind.py --seeds 0 1 \
+      > benchmarks/results/perception_2026-12-07_s14/encoder_kind_supervised.json
 
 A fresh `ImageEncoder` (the perceiving recipe's: grid 4, feature_norm, position embeddings) and one linear head
 over its 16 feature tokens are trained together, with AdamW at 1e-3 and batches of 64 shape_color-style scenes
@@ -25,19 +26,18 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moelora.data import images  # noqa: E402
+from moelora.data.multimodal import _scene as draw_scene  # noqa: E402  (the suite's own scene sampler)
 from moelora.multimodal.encoders import EncoderConfig, ImageEncoder  # noqa: E402
 
 EMBED_STD = 0.133  # SmolLM2-135M's token-embedding RMS (RESULTS.md §14): the projector's init scale (unused here)
 
 
 def scenes(rng: random.Random, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n pictures and, per picture, the kind index + 1 in each of the 9 cells (0: empty)."""
+    """n pictures drawn as shape_color's (1-3 shapes of different kinds) and, per picture, the kind index + 1 in
+    each of the 9 cells (0: empty)."""
     pictures, labels = [], []
     for _ in range(n):
-        k = rng.randint(1, 3)
-        scene = images.ShapeScene(tuple(rng.sample(images.SHAPES, k)),
-                                  tuple(rng.choice(list(images.COLORS)) for _ in range(k)),
-                                  tuple(rng.sample(range(9), k)), (rng.randint(0, 1), rng.randint(0, 1)))
+        _, scene = draw_scene(rng, rng.randint(1, 3), distinct_shapes=True)
         cells = [0] * 9
         for shape, cell in zip(scene.shapes, scene.cells):
             cells[cell] = 1 + images.SHAPES.index(shape)

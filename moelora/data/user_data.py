@@ -6,8 +6,8 @@ a list of ``{"from", "value"}`` with ``from`` one of human/gpt/system, or user/a
 its task (``task`` by default); rows without one get ``default_task``, unless the caller requires a task
 (methods that route by task label). An instruction row may carry ``"template": "plain"`` (its instruction
 is the whole prompt, no chat template: caption pre-training data, as the built-in align stage's). Rows come
-back as ``{"task", "instruction", "response"}`` (+ ``"template"``) or ``{"task", "messages"}``, ready for :mod:`moelora.data.formatting`. Bad input raises ``DataError``
-naming the file (and the first bad row index).
+back as ``{"task", "instruction", "response"}`` (+ ``"template"``) or ``{"task", "messages"}``, ready for
+:mod:`moelora.data.formatting`. Bad input raises ``DataError`` naming the file (and the first bad row index).
 """
 
 from __future__ import annotations
