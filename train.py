@@ -64,6 +64,8 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     from moelora.evaluation import evaluate_exact_match, evaluate_loss, format_results_table
     from moelora.model import check_token_ids
     from moelora.multimodal.transfer import load_encoders_from, matching_adapter_folder
+    from moelora.multimodal.pretraining import pretrain_encoders
+    from moelora.checkpoint import write_json
     from moelora.supervised_loss import supervised_positions
     from moelora.training.batches import BatchOrder
     from moelora.errors import ConfigError, TrainingError, short_repr
@@ -174,6 +176,16 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
                              if is_main else None)
     if resume is not None:
         accelerator.print(f"resumed from {resume} at step {counters['step']}")
+    # Our conv encoders first learn what the pictures and clips show, from their labels, with no LM (a stand-in
+    # for a pretrained CLIP/Whisper); a resumed run's checkpoint holds them already.
+    if cfg.encoder_pretraining_steps and resume is None:
+        report = pretrain_encoders(model.encoders, train_examples, eval_examples, cfg.encoder_pretraining_steps,
+                                   cfg.seed)
+        scores = "; ".join(f"{kind} {entry.get('held-out accuracy')}" for kind, entry in report.items())
+        accelerator.print(f"encoders pretrained on labels ({cfg.encoder_pretraining_steps} steps); held-out "
+                          f"accuracy (%): {scores}")
+        if is_main:
+            write_json(output_dir / "encoder_pretraining.json", report)
 
     deepspeed = accelerator.state.deepspeed_plugin is not None
     if deepspeed:

@@ -144,6 +144,33 @@ def _caption_speech(rng, split):
     return AUDIO_MARKER, text, [_clip(rng, split, text)]
 
 
+# ---------------------------------------------------------------- what each picture or clip shows, as class labels
+# The targets of encoder pretraining (moelora.multimodal.pretraining), read from an example's "sources": one
+# class per slot, IGNORE where a slot does not apply. A picture: its digit, then the kind and the colour of what
+# is in each of the 9 grid cells (0: empty); a clip: its words in order (0: no word there). Together they hold
+# everything a caption says, so an encoder that predicts them has the features every task asks about.
+IGNORE = -100  # cross_entropy's ignore_index
+SPEECH_WORDS = (*DIGIT_WORDS, *SPOKEN_WORDS, "plus", "minus")  # every word a clip of the suite says
+_CELLS = 9
+LABEL_SLOTS = {"image": (10, *(1 + len(images.SHAPES),) * _CELLS, *(1 + len(images.COLORS),) * _CELLS),
+               "audio": (1 + len(SPEECH_WORDS),) * 3}  # the longest clip says three words ("seven plus two")
+
+
+def source_labels(source: tuple) -> tuple[str, list[int]]:
+    """("image" | "audio", one class per LABEL_SLOTS slot) for a source description of `_draw`'s media."""
+    if source[0] == "digit":
+        return "image", [images.digit_label(source[1])] + [IGNORE] * (2 * _CELLS)
+    if source[0] == "scene":
+        scene, kinds, colours = source[1], [0] * _CELLS, [0] * _CELLS
+        for shape, colour, cell in zip(scene.shapes, scene.colors, scene.cells):
+            kinds[cell], colours[cell] = 1 + images.SHAPES.index(shape), 1 + list(images.COLORS).index(colour)
+        return "image", [IGNORE] + kinds + colours
+    if source[0] == "speech":
+        words = [1 + SPEECH_WORDS.index(w) for w in source[1].split()]
+        return "audio", words + [0] * (len(LABEL_SLOTS["audio"]) - len(words))
+    raise DataError(f"no labels for a media source of kind {source[0]!r}")
+
+
 MULTIMODAL_TASKS: dict[str, Callable] = {
     "digit_read": _digit_read, "digit_compare": _digit_compare, "shape_count": _shape_count,
     "shape_color": _shape_color, "spoken_digit": _spoken_digit, "transcribe_word": _transcribe_word,

@@ -88,6 +88,10 @@ class RunConfig(StrictConfig):
     # only the projected features; "joint": everything in the forward, what is not frozen trains
     stage: Literal["joint", "align"] = "joint"
     init_encoders_from: str | None = None  # an earlier run's folder (e.g. the align run's): its encoders + projectors start this run
+    # Steps of label pretraining for our conv encoders before the LM sees them (moelora.multimodal.pretraining):
+    # heads on their features learn each picture's digit / cell kinds and colours and each clip's words, as real
+    # recipes start from a pretrained encoder. 0: none (they start random, or from init_encoders_from)
+    encoder_pretraining_steps: int = 0
     weight_decay: float = 0.0  # LoRA convention: no decay on low-rank factors
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"  # SMoRA's recipe
     warmup_ratio: float = 0.1  # SMoRA's recipe: 10% linear warm-up
@@ -196,7 +200,8 @@ class RunConfig(StrictConfig):
         multimodal = self.data.suite == "multimodal"
         for name, value, unset in (("stage", self.stage, "joint"), ("init_encoders_from", self.init_encoders_from, None),
                                    ("encoder_learning_rate", self.encoder_learning_rate, None),
-                                   ("projector_learning_rate", self.projector_learning_rate, None)):
+                                   ("projector_learning_rate", self.projector_learning_rate, None),
+                                   ("encoder_pretraining_steps", self.encoder_pretraining_steps, 0)):
             if value != unset and not multimodal:
                 raise self.error(name, f"applies to the image/audio encoders, which only data.suite: multimodal has")
         for name in ("encoder_learning_rate", "projector_learning_rate"):
@@ -210,6 +215,9 @@ class RunConfig(StrictConfig):
                 if rate is not None and (not math.isfinite(rate) or rate <= 0 or rate * 10 >= FLOAT32_MAX):
                     raise self.error(name if key is None else f"{name}.{key}",
                                      f"must be > 0 and finite (or null: learning_rate), got {rate}")
+        if self.encoder_pretraining_steps < 0:
+            raise self.error("encoder_pretraining_steps", f"must be >= 0 (0: no pretraining), got "
+                             f"{self.encoder_pretraining_steps}")
         if self.stage == "align" and self.freeze_encoders and self.freeze_projectors:
             raise self.error("stage", "align trains encoders and projectors, but freeze_encoders and "
                              "freeze_projectors are both true: nothing would train")

@@ -1,0 +1,139 @@
+"""Encoder pretraining on the suite's labels (issue 18): the labels say what each picture and clip shows, the
+encoders learn them (held-out), only the feature extractors change, and train.py runs it before the LM stage."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from moelora.data import images
+from moelora.data.multimodal import (IGNORE, LABEL_SLOTS, SPEECH_WORDS, build_multimodal_suite, scene_caption,
+                                     source_labels)
+from moelora.errors import ConfigError
+from moelora.multimodal.encoders import EncoderConfig
+from moelora.multimodal.model import MediaEncoders
+from moelora.multimodal.pretraining import labelled_media, pretrain_encoders
+
+from tests.multimodal.test_staged_training import TINY, _changed_parts
+from tests.tiny_runs import train
+
+
+def test_labels_say_what_each_source_shows():
+    digit = images.digit_pools()["train"][7][0]
+    assert source_labels(("digit", digit)) == ("image", [7] + [IGNORE] * 18)
+    scene = images.ShapeScene(("cross", "square"), ("blue", "white"), (4, 0))
+    kind, labels = source_labels(("scene", scene))
+    kinds, colours = labels[1:10], labels[10:]
+    assert kind == "image" and labels[0] == IGNORE
+    assert kinds == [1 + images.SHAPES.index("square"), 0, 0, 0, 1 + images.SHAPES.index("cross"), 0, 0, 0, 0]
+    assert colours[0] == 1 + list(images.COLORS).index("white") and colours[4] == 1 + list(images.COLORS).index("blue")
+    assert sum(colours) == colours[0] + colours[4]
+    assert scene_caption(scene) == "white square, blue cross"  # the caption says what the labels say
+    kind, labels = source_labels(("speech", "seven plus two", "en", 140, 30))
+    assert kind == "audio" and [SPEECH_WORDS[i - 1] for i in labels] == ["seven", "plus", "two"]
+    assert source_labels(("speech", "zebra", "en", 140, 30))[1] == [1 + SPEECH_WORDS.index("zebra"), 0, 0]
+    for kind_, slots in LABEL_SLOTS.items():  # every label fits its slot's classes
+        assert all(isinstance(n, int) and n > 1 for n in slots), kind_
+
+
+def test_every_spoken_text_of_the_suite_has_labels():
+    train_set, _ = build_multimodal_suite(["caption_speech"], n_train_per_task=60, n_eval_per_task=0, seed=3)
+    for ex in train_set:
+        kind, labels = source_labels(ex["sources"][0])
+        assert " ".join(SPEECH_WORDS[i - 1] for i in labels if i) == ex["response"]
+
+
+def test_labelled_media_pairs_each_tensor_with_its_own_source_once():
+    train_set, _ = build_multimodal_suite(["digit_audio_match"], n_train_per_task=12, n_eval_per_task=0, seed=0)
+    media = labelled_media(train_set + train_set)  # every item twice: kept once
+    scans = {s for ex in train_set for s in ex["sources"] if s[0] == "digit"}
+    clips = {s for ex in train_set for s in ex["sources"] if s[0] == "speech"}
+    assert len(media["image"][0]) == len(scans) and len(media["audio"][0]) == len(clips)
+    for ex in train_set:  # the picture under each digit label is that digit's scan
+        scan = ex["sources"][0]
+        row = [i for i, lab in enumerate(media["image"][1].tolist()) if torch.equal(media["image"][0][i], ex["images"][0])]
+        assert row and all(media["image"][1][i, 0].item() == images.digit_label(scan[1]) for i in row)
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return build_multimodal_suite(["caption_shapes", "caption_digit"], n_train_per_task=600, n_eval_per_task=64,
+                                  seed=0)
+
+
+def _encoders(seed=0):
+    torch.manual_seed(seed)
+    return MediaEncoders(EncoderConfig(image_grid=4, audio_width=8), hidden=32, embed_std=0.1)
+
+
+def test_pretraining_teaches_kinds_colours_and_digits_to_held_out_pictures(shapes):
+    """Shape kinds are what the caption align learned least reliably (RESULTS.md §16); taught from labels, the
+    encoder reads them in held-out scenes (chance: 1/3 of occupied cells)."""
+    train_set, eval_set = shapes
+    encoders = _encoders()
+    before = pretrain_encoders(_encoders(), train_set, eval_set, steps=0, seed=0)["image"]["held-out accuracy"]
+    report = pretrain_encoders(encoders, train_set, eval_set, steps=300, seed=0)["image"]
+    assert report["items"] == len(labelled_media(train_set)["image"][0])
+    acc = report["held-out accuracy"]
+    assert acc["kinds"] >= 80 and acc["colours"] >= 95 and acc["digit"] >= 70, acc
+    assert before["kinds"] < 60 and before["digit"] < 40, before
+
+
+def test_pretraining_trains_only_the_feature_extractors_and_leaves_the_run_rng_alone(shapes):
+    train_set, eval_set = shapes
+    encoders = _encoders()
+    encoders.image.conv.requires_grad_(False)  # a frozen part stays frozen afterwards (its values still train)
+    before = {k: v.clone() for k, v in encoders.state_dict().items()}
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    pretrain_encoders(encoders, train_set, eval_set, steps=3, seed=0)
+    assert torch.equal(torch.rand(3), expected)  # forked RNG: the run draws what it would have drawn
+    changed = {k for k, v in encoders.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("image.") for k in changed)  # no clips in this data: audio untouched
+    assert not any(k.split(".")[1].startswith("proj") for k in changed)  # projectors are the align stage's
+    assert any(k.startswith("image.conv.") for k in changed)
+    assert not any(p.requires_grad for p in encoders.image.conv.parameters())
+    assert all(p.grad is None for p in encoders.parameters())
+
+
+def test_pretraining_is_deterministic(shapes):
+    train_set, eval_set = shapes
+    a, b = _encoders(), _encoders()
+    pretrain_encoders(a, train_set, eval_set, steps=4, seed=5)
+    pretrain_encoders(b, train_set, eval_set, steps=4, seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_text_only_examples_are_refused_with_the_key_named():
+    with pytest.raises(ConfigError, match="encoder_pretraining_steps"):
+        pretrain_encoders(_encoders(), [{"task": "add", "instruction": "1+1", "response": "2"}], [], 3, 0)
+
+
+def test_train_py_pretrains_then_aligns_with_the_encoders_frozen(tmp_path):
+    """LLaVA's stage 1 with a pretrained encoder: the projector aligns, the encoder stays as pretrained."""
+    out = tmp_path / "run"
+    train.main([*TINY, "stage=align", "freeze_encoders=true", "encoder_pretraining_steps=5", f"output_dir={out}"])
+    parts = _changed_parts(out)
+    assert parts["encoders"] == {True}  # pretrained: every feature-extractor tensor moved
+    assert parts["projectors"] == {True} and parts["adapters"] == {False}
+    report = json.loads((out / "encoder_pretraining.json").read_text())
+    assert set(report) == {"image", "audio"} and report["image"]["items"] > 0
+    # without pretraining the frozen encoders stay at their initial values
+    plain = tmp_path / "plain"
+    train.main([*TINY, "stage=align", "freeze_encoders=true", f"output_dir={plain}"])
+    assert _changed_parts(plain)["encoders"] == {False} and not (plain / "encoder_pretraining.json").exists()
+
+
+def test_negative_pretraining_steps_are_named(tmp_path, capsys):
+    assert train.cli([*TINY, "encoder_pretraining_steps=-1", f"output_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert "encoder_pretraining_steps" in err and "must be >= 0" in err and "Traceback" not in err
+
+
+def test_pretraining_on_a_text_run_is_refused(tmp_path, capsys):
+    from tests.tiny_runs import TEXT, TINY_RUN
+
+    assert train.cli([*TINY_RUN, *TEXT, "encoder_pretraining_steps=10", f"output_dir={tmp_path / 'r'}"]) == 2
+    assert "encoder_pretraining_steps" in capsys.readouterr().err
