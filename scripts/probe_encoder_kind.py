@@ -26,6 +26,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moelora.data import images  # noqa: E402
+from moelora.data.multimodal import LABEL_GROUPS, source_labels  # noqa: E402  (the pretraining labels)
 from moelora.data.multimodal import _scene as draw_scene  # noqa: E402  (the suite's own scene sampler)
 from moelora.multimodal.encoders import EncoderConfig, ImageEncoder  # noqa: E402
 
@@ -37,12 +38,9 @@ def scenes(rng: random.Random, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     each of the 9 cells (0: empty)."""
     pictures, labels = [], []
     for _ in range(n):
-        _, scene = draw_scene(rng, rng.randint(1, 3), distinct_shapes=True)
-        cells = [0] * 9
-        for shape, cell in zip(scene.shapes, scene.cells):
-            cells[cell] = 1 + images.SHAPES.index(shape)
-        pictures.append(images.render_scene(scene))
-        labels.append(cells)
+        source = draw_scene(rng, rng.randint(1, 3), distinct_shapes=True)
+        pictures.append(images.render_scene(source[1]))
+        labels.append([source_labels(source)[1][i] for i in LABEL_GROUPS["image"]["kinds"]])
     return torch.stack(pictures), torch.tensor(labels)
 
 

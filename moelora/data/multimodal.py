@@ -154,6 +154,10 @@ SPEECH_WORDS = (*DIGIT_WORDS, *SPOKEN_WORDS, "plus", "minus")  # every word a cl
 _CELLS = 9
 LABEL_SLOTS = {"image": (10, *(1 + len(images.SHAPES),) * _CELLS, *(1 + len(images.COLORS),) * _CELLS),
                "audio": (1 + len(SPEECH_WORDS),) * 3}  # the longest clip says three words ("seven plus two")
+LABEL_GROUPS = {  # the slots of each kind by what they say (what accuracy is reported over)
+    "image": {"digit": [0], "kinds": list(range(1, 1 + _CELLS)), "colours": list(range(1 + _CELLS, 1 + 2 * _CELLS))},
+    "audio": {"words": list(range(len(LABEL_SLOTS["audio"])))},
+}
 
 
 def source_labels(source: tuple) -> tuple[str, list[int]]:

@@ -22,8 +22,9 @@ import random
 import torch
 from torch import nn
 
-from ..data.multimodal import IGNORE, LABEL_SLOTS, source_labels
+from ..data.multimodal import IGNORE, LABEL_GROUPS, LABEL_SLOTS, source_labels
 from ..errors import ConfigError
+from .encoders import part_of
 
 BATCH = 64  # pictures (and clips) per step: as the direct kind probe that learned in 200 steps (RESULTS §16c)
 LEARNING_RATE = 1e-3  # AdamW; the same probe's rate
@@ -60,19 +61,11 @@ class SlotHeads(nn.Module):
         return loss, {"hits": hits, "counted": labels != IGNORE}
 
 
-def _slot_groups(kind: str) -> dict[str, list[int]]:
-    """Accuracy groups: the image's digit / cell kinds / cell colours, the clip's words."""
-    if kind == "audio":
-        return {"words": list(range(len(LABEL_SLOTS["audio"])))}
-    cells = (len(LABEL_SLOTS["image"]) - 1) // 2
-    return {"digit": [0], "kinds": list(range(1, 1 + cells)), "colours": list(range(1 + cells, 1 + 2 * cells))}
-
-
 def _accuracy(hits: dict, kind: str, labels: torch.Tensor) -> dict[str, float]:
     """Per group, the share of counted slots right; cells and words count only where something is there (most
     cells are empty: counting them would reward a head that always says "empty")."""
     out = {}
-    for group, cols in _slot_groups(kind).items():
+    for group, cols in LABEL_GROUPS[kind].items():
         counted = hits["counted"][:, cols] & ((labels[:, cols] > 0) if group != "digit" else True)
         if counted.any():
             out[group] = round(hits["hits"][:, cols][counted].float().mean().item() * 100, 1)
@@ -92,15 +85,15 @@ def pretrain_encoders(encoders, train_examples: list[dict], eval_examples: list[
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         order = random.Random(seed)
+        encs = {kind: getattr(encoders, kind) for kind in kinds}
+        dtypes = {kind: next(enc.parameters()).dtype for kind, enc in encs.items()}  # the inputs' cast
         nets = {}
-        for kind in kinds:
-            enc = getattr(encoders, kind)
-            x = train_media[kind][0][:1].to(next(enc.parameters()).dtype)
+        for kind, enc in encs.items():
             with torch.no_grad():
-                tokens, width = enc.features(x).shape[1:]
+                tokens, width = enc.features(train_media[kind][0][:1].to(dtypes[kind])).shape[1:]
             nets[kind] = SlotHeads(tokens, width, LABEL_SLOTS[kind])
-        params = [p for kind in kinds for name, p in getattr(encoders, kind).named_parameters()
-                  if not name.startswith("proj")] + [p for h in nets.values() for p in h.parameters()]
+        params = [p for enc in encs.values() for name, p in enc.named_parameters()
+                  if part_of(name) == "encoders"] + [p for h in nets.values() for p in h.parameters()]
         was = {id(p): p.requires_grad for p in params}
         for p in params:
             p.requires_grad_(True)
@@ -108,11 +101,10 @@ def pretrain_encoders(encoders, train_examples: list[dict], eval_examples: list[
         losses = {}
         for _ in range(steps):
             total = 0.0
-            for kind in kinds:
+            for kind, enc in encs.items():
                 x, y = train_media[kind]
                 pick = torch.tensor(order.sample(range(len(x)), min(BATCH, len(x))))
-                enc = getattr(encoders, kind)
-                loss, _ = nets[kind].loss_and_hits(enc.features(x[pick].to(next(enc.parameters()).dtype)), y[pick])
+                loss, _ = nets[kind].loss_and_hits(enc.features(x[pick].to(dtypes[kind])), y[pick])
                 losses[kind] = loss.item()
                 total = total + loss
             optimizer.zero_grad(set_to_none=True)
@@ -122,12 +114,11 @@ def pretrain_encoders(encoders, train_examples: list[dict], eval_examples: list[
             p.requires_grad_(was[id(p)])
             p.grad = None
         with torch.no_grad():
-            for kind in kinds:
-                enc = getattr(encoders, kind)
+            for kind, enc in encs.items():
                 entry = {"items": len(train_media[kind][0]), "final loss": round(losses.get(kind, float("nan")), 4)}
                 if kind in eval_media:
                     x, y = (t[:HELD_OUT_MAX] for t in eval_media[kind])
-                    _, hits = nets[kind].loss_and_hits(enc.features(x.to(next(enc.parameters()).dtype)), y)
+                    _, hits = nets[kind].loss_and_hits(enc.features(x.to(dtypes[kind])), y)
                     entry["held-out accuracy"] = _accuracy(hits, kind, y)
                 report[kind] = entry
     return report
