@@ -106,6 +106,7 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     if note := continue_data_selection(cfg, resume):  # data.tasks=auto resumes on the checkpoint's own tasks
         accelerator.print(note)
     train_examples, eval_examples = load_examples(cfg)
+    pretraining_examples = load_pretraining_examples(cfg) if resume is None else []  # encoder pretraining's extra media
     if cfg.init_encoders_from:  # its folder and encoder config are checked now, before the model loads
         matching_adapter_folder(cfg.init_encoders_from, cfg.encoders)
     # Task-routed methods (LoRA-Mixer's stage 1) need an expert per task: every task is checked now, not
@@ -179,8 +180,8 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     # Our conv encoders first learn what the pictures and clips show, from their labels, with no LM (a stand-in
     # for a pretrained CLIP/Whisper); a resumed run's checkpoint holds them already.
     if cfg.encoder_pretraining_steps and resume is None:
-        report = pretrain_encoders(model.encoders, train_examples, eval_examples, cfg.encoder_pretraining_steps,
-                                   cfg.seed)
+        report = pretrain_encoders(model.encoders, train_examples + pretraining_examples, eval_examples,
+                                   cfg.encoder_pretraining_steps, cfg.seed, tokenizer)
         scores = "; ".join(f"{kind} {entry.get('held-out accuracy')}" for kind, entry in report.items())
         accelerator.print(f"encoders pretrained on labels ({cfg.encoder_pretraining_steps} steps); held-out "
                           f"accuracy (%): {scores}")
@@ -558,6 +559,17 @@ def load_examples(cfg) -> tuple[list[dict], list[dict]]:
     if not train:
         raise ConfigError("data", "no training data: set data.tasks or data.train_files")
     return train, evals
+
+
+def load_pretraining_examples(cfg) -> list[dict]:
+    """encoder_pretraining_data's examples: more of the suite's pictures/clips, with the run's seed and held-out
+    split (so none of them is a held-out item of its task), for encoder pretraining only."""
+    if not cfg.encoder_pretraining_data or not cfg.encoder_pretraining_steps:
+        return []
+    from moelora.data.multimodal import build_multimodal_suite
+
+    counts = dict(cfg.encoder_pretraining_data)
+    return build_multimodal_suite(list(counts), 1, cfg.data.n_eval_per_task, cfg.seed, counts)[0]
 
 
 def cached_eval(path: Path, evaluates: bool, is_main: bool, accelerator, run, settings: dict) -> dict:

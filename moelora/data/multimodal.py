@@ -175,6 +175,17 @@ def source_labels(source: tuple) -> tuple[str, list[int]]:
     raise DataError(f"no labels for a media source of kind {source[0]!r}")
 
 
+def source_caption(source: tuple) -> str:
+    """What a picture or clip shows, as its caption task writes it: "7", "red square, blue cross", "seven plus two"."""
+    if source[0] == "digit":
+        return str(images.digit_label(source[1]))
+    if source[0] == "scene":
+        return scene_caption(source[1])
+    if source[0] == "speech":
+        return source[1]
+    raise DataError(f"no caption for a media source of kind {source[0]!r}")
+
+
 MULTIMODAL_TASKS: dict[str, Callable] = {
     "digit_read": _digit_read, "digit_compare": _digit_compare, "shape_count": _shape_count,
     "shape_color": _shape_color, "spoken_digit": _spoken_digit, "transcribe_word": _transcribe_word,

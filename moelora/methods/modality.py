@@ -122,7 +122,7 @@ class VisionSpeechAudioEncoder(AudioEncoder):
 
     def __init__(self, cfg, hidden: int, embed_std: float):
         super().__init__(cfg, hidden, embed_std)
-        self.proj_vision_speech = projector(cfg.audio_width, hidden, embed_std, cfg.token_norm)
+        self.proj_vision_speech = projector(cfg, cfg.audio_tokens, cfg.audio_width, hidden, embed_std)
 
     def forward(self, mels: torch.Tensor, with_image: torch.Tensor | None = None) -> torch.Tensor:
         feats = self.features(mels)

@@ -7,6 +7,8 @@ Ours are trained from scratch (the LM stays frozen), so they are small and fast 
     + position        -> a learned vector per token slot (zero at the start), as ViT's position embeddings
     projector         -> Linear(width -> d) . GELU . Linear(d -> d)       (Phi-4's projector shape)
                          [. every token rescaled to the embeddings' RMS, with token_norm]
+                      or, with `projector: words`, soft words: all tokens' features -> one MLP -> per token a
+                         softmax over the LM's vocabulary, through its tied embedding -> a mixture of token embeddings
 
 With `feature_norm` (the default) pictures are centred to [-1, 1] (SigLIP's normalisation), the conv layers are
 initialised to keep their input's variance (He init, zero biases) and a LayerNorm closes the feature extractor;
@@ -33,7 +35,7 @@ import torch
 from torch import nn
 
 from ..config import StrictConfig
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 
 @dataclasses.dataclass
@@ -61,6 +63,14 @@ class EncoderConfig(StrictConfig):
     # stream at a media position is its input at every layer. Off by default: in a 240-step align probe it
     # changed neither the loss curve nor exact match beyond noise (§14); untested on the full recipe.
     token_norm: bool = False
+    # What the projector writes: "mlp", free vectors in the embedding space (LLaVA's and Phi-4's projector); or
+    # "words", soft words: per token a softmax over the LM's vocabulary mixing its token embeddings, so a sharp token
+    # is a word the LM reads as text from its first layer. Encoder pretraining teaches it each item's caption
+    # (moelora.multimodal.pretraining). Why: a picture and a clip the mlp projector aligned on captions were
+    # compared at chance by the LM in 160 steps, their written form in 40 (RESULTS.md §17c).
+    projector: str = "mlp"
+    # The most distinct tokens a words projector may write (its captions' tokens; the built-in suite's use ~60).
+    word_vocabulary: int = 256
     # A local HF vision model folder (CLIP/SigLIP, or its vision tower) as the image feature extractor instead of
     # our conv; None: ours (no download, trains from scratch). image_width is then the model's hidden size.
     image_model: str | None = None
@@ -68,7 +78,10 @@ class EncoderConfig(StrictConfig):
     audio_model: str | None = None
 
     def validate(self):
-        for name in ("image_channels", "image_grid", "image_width", "n_mels", "audio_tokens", "audio_width"):
+        if self.projector not in PROJECTORS:
+            raise self.error("projector", f"must be one of {', '.join(PROJECTORS)}, got {self.projector!r}")
+        for name in ("image_channels", "image_grid", "image_width", "n_mels", "audio_tokens", "audio_width",
+                     "word_vocabulary"):
             if getattr(self, name) < 1:
                 raise self.error(name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("image_model", "audio_model"):
@@ -105,7 +118,7 @@ class TokenScale(nn.Module):
         return f"scale={self.scale:.4g}"
 
 
-def projector(width: int, hidden: int, embed_std: float, token_norm: bool = False) -> nn.Sequential:
+def mlp_projector(width: int, hidden: int, embed_std: float, token_norm: bool = False) -> nn.Sequential:
     """Linear . GELU . Linear whose outputs have the embeddings' RMS for unit-variance inputs: the first layer
     keeps the variance (no bias, which would add the same vector to every token), the last scales GELU's.
     `token_norm`: a TokenScale after it keeps them there through training (EncoderConfig.token_norm)."""
@@ -117,6 +130,83 @@ def projector(width: int, hidden: int, embed_std: float, token_norm: bool = Fals
         nn.init.normal_(proj[2].weight, std=embed_std / (_GELU_RMS * math.sqrt(hidden)))
         proj[2].bias.zero_()
     return proj
+
+
+class WordProjector(nn.Module):
+    """Soft words: [n, tokens, width] features -> [n, tokens, d] mixtures of the LM's token embeddings.
+
+    One MLP reads all of an item's feature tokens (a caption's k-th word may come from anywhere in the picture)
+    and gives each output token a query vector; its logits are the query against the embeddings of the words it
+    may write (the LM's own tied read-out, as its head scores a hidden state) and its output their softmax-weighted
+    embeddings. Which words: `vocab_ids`, set by encoder pretraining to the tokens of the run's captions (-1 pads
+    the fixed-size buffer, so checkpoints of any vocabulary load into the same shape); a softmax over all 49k
+    tokens made pretraining ~15x slower on a CPU. The embedding table is the LM's (bound by `attach_encoders`,
+    never saved here)."""
+
+    def __init__(self, tokens: int, width: int, hidden: int, embed_std: float, vocabulary: int):
+        super().__init__()
+        self.tokens, self.hidden = tokens, hidden
+        self.net = nn.Sequential(nn.Linear(tokens * width, hidden), nn.GELU(), nn.Linear(hidden, tokens * hidden))
+        with torch.no_grad():  # logits start ~N(0, 1): a query of RMS 1/(embed_std sqrt(d)) against rows of RMS embed_std
+            nn.init.normal_(self.net[0].weight, std=1 / math.sqrt(tokens * width))
+            self.net[0].bias.zero_()
+            nn.init.normal_(self.net[2].weight, std=1 / (embed_std * math.sqrt(hidden) * _GELU_RMS * math.sqrt(hidden)))
+            self.net[2].bias.zero_()
+        self.register_buffer("vocab_ids", torch.full((vocabulary,), -1, dtype=torch.long))
+        self.__dict__["_embedding"] = None  # a plain attribute: the LM's table is not this module's to save or move
+
+    def bind(self, embedding: nn.Module) -> None:
+        """Read the word embeddings from `embedding` (the LM's input embedding module)."""
+        self.__dict__["_embedding"] = embedding
+
+    def set_vocabulary(self, ids: list[int]) -> None:
+        """The token ids this projector may write (sorted, distinct)."""
+        ids = sorted(set(int(i) for i in ids))
+        if len(ids) > len(self.vocab_ids):
+            raise ConfigError("encoders.word_vocabulary", f"the captions use {len(ids)} distinct tokens, more than "
+                              f"its {len(self.vocab_ids)}")
+        with torch.no_grad():
+            self.vocab_ids.fill_(-1)
+            self.vocab_ids[:len(ids)] = torch.tensor(ids, dtype=torch.long)
+
+    def words(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings [V, d] of the words it may write, [V] bool: a real word, not padding)."""
+        if self._embedding is None:
+            raise RuntimeError("a words projector reads the LM's token embeddings: attach the encoders to a model "
+                               "(MoELoRAModel.attach_encoders) before running them")
+        if not torch.compiler.is_compiling() and bool(self.vocab_ids[0] < 0):  # one host read, for a clear error
+            raise ConfigError("encoders.projector", "words: this projector has no vocabulary yet (encoder pretraining "
+                              "sets it from the captions: encoder_pretraining_steps > 0)")
+        return self._embedding.weight[self.vocab_ids.clamp(min=0)], self.vocab_ids >= 0
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """[n, tokens, width] -> [n, tokens, V] (fp32; -inf at the padding of `vocab_ids`)."""
+        if features.shape[1] != self.tokens:
+            raise DataError(f"a words projector for {self.tokens} tokens got {features.shape[1]}")
+        table, real = self.words()
+        queries = self.net(features.flatten(1)).view(features.shape[0], self.tokens, self.hidden)
+        return (queries.float() @ table.float().T).masked_fill(~real, float("-inf"))
+
+    def written(self, features: torch.Tensor) -> torch.Tensor:
+        """[n, tokens] the token id most likely at each position: what the projector writes, read as text."""
+        return self.vocab_ids[self.logits(features).argmax(-1)]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        table, _ = self.words()
+        return (self.logits(features).softmax(-1) @ table.float()).to(features.dtype)
+
+    def extra_repr(self) -> str:
+        return f"tokens={self.tokens}, hidden={self.hidden}, vocabulary={len(self.vocab_ids)}"
+
+
+PROJECTORS = ("mlp", "words")  # EncoderConfig.projector
+
+
+def projector(cfg: EncoderConfig, tokens: int, width: int, hidden: int, embed_std: float) -> nn.Module:
+    """The projector `cfg` asks for, from `tokens` feature tokens of `width` into the LM's `hidden` size."""
+    if cfg.projector == "words":
+        return WordProjector(tokens, width, hidden, embed_std, cfg.word_vocabulary)
+    return mlp_projector(width, hidden, embed_std, cfg.token_norm)
 
 
 class TokenPositions(nn.Module):
@@ -160,7 +250,7 @@ class ImageEncoder(nn.Module):
             nn.AdaptiveAvgPool2d(cfg.image_grid),
         ], w)
         self.pos = token_positions(cfg, cfg.image_grid ** 2, w)
-        self.proj = projector(w, hidden, embed_std, cfg.token_norm)
+        self.proj = projector(cfg, cfg.image_grid ** 2, w, hidden, embed_std)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """[n, C, H, W] -> [n, grid², width]: what the projector reads."""
@@ -187,7 +277,7 @@ class AudioEncoder(nn.Module):
             nn.AdaptiveAvgPool1d(cfg.audio_tokens),
         ], w)
         self.pos = token_positions(cfg, cfg.audio_tokens, w)
-        self.proj = projector(w, hidden, embed_std, cfg.token_norm)
+        self.proj = projector(cfg, cfg.audio_tokens, w, hidden, embed_std)
 
     def features(self, mels: torch.Tensor) -> torch.Tensor:
         """[n, n_mels, frames] -> [n, audio_tokens, width]: what the projector(s) read."""

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, DataError, short_repr
-from .encoders import MEDIA_KINDS, PARTS, EncoderConfig, build_encoder, part_of
+from .encoders import MEDIA_KINDS, PARTS, EncoderConfig, WordProjector, build_encoder, part_of
 
 _IMAGE, _AUDIO = 1, 2  # media_mask values (moelora.data.media)
 MEDIA_KEYS = ("media_mask", "images", "audio")  # the forward/generate inputs the encoders consume
@@ -203,6 +203,9 @@ def attach_encoders(model, cfg: EncoderConfig, pretrained_trained: dict | None =
     emb = model.base_model.get_input_embeddings()
     encoders = MediaEncoders(cfg, emb.embedding_dim, float(emb.weight.detach().float().std()), pretrained_trained)
     model.encoders = model.place_adapter(encoders, like=emb.weight)  # trainable: fp32 under a 16-bit LM, as adapters
+    for module in encoders.modules():  # soft words are mixtures of this LM's token embeddings
+        if isinstance(module, WordProjector):
+            module.bind(emb)
     if "_media_hook" not in model.__dict__:
         model._media_hook = model.register_forward_pre_hook(_media_pre_hook, with_kwargs=True)
     # Sharded data parallel (ZeRO-3) gathers a module's weights on every process that runs it, in step: then

@@ -101,7 +101,7 @@ class PretrainedImageEncoder(nn.Module):
         mean, std = pre.get("image_mean", CLIP_MEAN), pre.get("image_std", CLIP_STD)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.proj = projector(self.width, hidden, embed_std, cfg.token_norm)
+        self.proj = projector(cfg, cfg.image_grid ** 2, self.width, hidden, embed_std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[n, C, H, W] in [0, 1] -> [n, grid², hidden]."""
@@ -139,7 +139,7 @@ class PretrainedAudioEncoder(nn.Module):
         rate = pre.get("sampling_rate", WHISPER_RATE) / pre.get("hop_length", WHISPER_HOP)
         self.stretch = rate / (SAMPLE_RATE / HOP)  # model frames per data frame
         self.width = int(getattr(mc, "d_model", None) or mc.hidden_size)
-        self.proj = projector(self.width, hidden, embed_std, cfg.token_norm)
+        self.proj = projector(cfg, cfg.audio_tokens, self.width, hidden, embed_std)
 
     def forward(self, mels: torch.Tensor) -> torch.Tensor:
         """[n, n_mels, frames] log-mel -> [n, audio_tokens, hidden]."""

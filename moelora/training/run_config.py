@@ -92,6 +92,10 @@ class RunConfig(StrictConfig):
     # heads on their features learn each picture's digit / cell kinds and colours and each clip's words, as real
     # recipes start from a pretrained encoder. 0: none (they start random, or from init_encoders_from)
     encoder_pretraining_steps: int = 0
+    # More pictures/clips for that pretraining only, {media task: training examples} of the built-in suite drawn
+    # with the run's seed (e.g. {caption_shapes: 4000}): the LM never trains on them. A words projector learns to
+    # write captions from what it sees, and 1,200 scenes were too few for new ones (RESULTS.md §18)
+    encoder_pretraining_data: dict[str, int] | None = None
     weight_decay: float = 0.0  # LoRA convention: no decay on low-rank factors
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"  # SMoRA's recipe
     warmup_ratio: float = 0.1  # SMoRA's recipe: 10% linear warm-up
@@ -218,12 +222,32 @@ class RunConfig(StrictConfig):
         if self.encoder_pretraining_steps < 0:
             raise self.error("encoder_pretraining_steps", f"must be >= 0 (0: no pretraining), got "
                              f"{self.encoder_pretraining_steps}")
+        if self.encoder_pretraining_data is not None:
+            from ..data.multimodal import MEDIA_TASKS
+
+            data = self.encoder_pretraining_data
+            if not isinstance(data, dict) or not data:
+                raise self.error("encoder_pretraining_data", f"must map media tasks to example counts, e.g. "
+                                 f"{{caption_shapes: 4000}}, got {short_repr(data)}")
+            for task, n in data.items():
+                if task not in MEDIA_TASKS:
+                    raise self.error(f"encoder_pretraining_data.{task}", f"not a media task of the multimodal suite "
+                                     f"({', '.join(MEDIA_TASKS)})")
+                if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                    raise self.error(f"encoder_pretraining_data.{task}", f"must be a count >= 1, got {short_repr(n)}")
+            if not self.encoder_pretraining_steps or not multimodal:
+                raise self.error("encoder_pretraining_data", "is data for encoder pretraining: needs data.suite "
+                                 "multimodal and encoder_pretraining_steps > 0")
         if self.stage == "align" and self.freeze_encoders and self.freeze_projectors:
             raise self.error("stage", "align trains encoders and projectors, but freeze_encoders and "
                              "freeze_projectors are both true: nothing would train")
         if self.freeze_adapters and (not multimodal or (self.freeze_encoders and self.freeze_projectors)):
             raise self.error("freeze_adapters", "with the adapters frozen nothing is left to train (no encoders, or "
                              "freeze_encoders and freeze_projectors are true)")
+        if (multimodal and self.encoders.projector == "words" and not self.encoder_pretraining_steps
+                and self.init_encoders_from is None and self.resume_from_checkpoint is None):
+            raise self.error("encoder_pretraining_steps", "encoders.projector words learns which words to write in "
+                             "encoder pretraining: set encoder_pretraining_steps > 0 (or init_encoders_from a run that did)")
         if self.init_encoders_from is not None and not str(self.init_encoders_from).strip():
             raise self.error("init_encoders_from", "must name a run folder (or its adapter folder), or be null")
 

@@ -137,3 +137,126 @@ def test_pretraining_on_a_text_run_is_refused(tmp_path, capsys):
 
     assert train.cli([*TINY_RUN, *TEXT, "encoder_pretraining_steps=10", f"output_dir={tmp_path / 'r'}"]) == 2
     assert "encoder_pretraining_steps" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a projector that writes soft words
+def test_caption_targets_right_align_each_caption_after_spaces():
+    from moelora.base_models import build_tiny_tokenizer
+    from moelora.multimodal.pretraining import caption_targets
+
+    tok = build_tiny_tokenizer()
+    space, = tok(" ", add_special_tokens=False).input_ids
+    rows = caption_targets(["7", "seven"], tok, 6)
+    assert rows.tolist() == [[space] * 5 + tok("7").input_ids, [space] + tok("seven").input_ids]
+    with pytest.raises(ConfigError, match="encoders.projector.*'seven plus two' is 14 tokens.*6"):
+        caption_targets(["seven plus two"], tok, 6)
+
+
+def test_words_pretraining_writes_each_held_out_items_caption_and_trains_the_projector():
+    """Digit scans and spoken digits: after pretraining the projector's most likely word at each token is the
+    item's caption ("7" / "seven", after spaces) for held-out items, and its output is that word's embedding."""
+    from moelora.base_models import build_tiny_tokenizer
+    from moelora.multimodal.pretraining import caption_targets
+
+    tok = build_tiny_tokenizer()
+    train_set, eval_set = build_multimodal_suite(["digit_read", "spoken_digit"], n_train_per_task=400,
+                                                 n_eval_per_task=48, seed=0)
+    torch.manual_seed(0)
+    encoders = MediaEncoders(EncoderConfig(projector="words", image_width=16, audio_width=16), hidden=32,
+                             embed_std=0.1)
+    table = torch.nn.Embedding(len(tok), 32)
+    torch.nn.init.normal_(table.weight, std=0.1)
+    for proj in (encoders.image.proj, encoders.audio.proj):
+        proj.bind(table)
+    before = {k: v.clone() for k, v in encoders.state_dict().items()}
+    with pytest.raises(ConfigError, match="tokenizer"):
+        pretrain_encoders(encoders, train_set, eval_set, steps=1, seed=0)
+    report = pretrain_encoders(encoders, train_set, eval_set, steps=300, seed=0, tokenizer=tok)
+    assert report["image"]["held-out accuracy"]["captions"] >= 70, report
+    assert report["audio"]["held-out accuracy"]["captions"] >= 70, report
+    changed = {k.split(".")[1] for k, v in encoders.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"conv", "norm", "pos", "proj"}  # the projector learns its words here, not in an align
+    # what the LM receives: per token nearly the embedding of the caption's word there
+    media = labelled_media(eval_set)["audio"]
+    with torch.no_grad():
+        out = encoders.audio(media[0][:8])
+    want = table.weight[caption_targets(media[2][:8], tok, 8)]
+    assert (out - want).norm(dim=-1).mean() < 0.3 * want.norm(dim=-1).mean()
+
+
+def test_a_words_projector_mixes_its_words_rows_of_the_bound_table_and_needs_both():
+    from moelora.multimodal.encoders import WordProjector
+
+    proj = WordProjector(tokens=3, width=4, hidden=8, embed_std=0.1, vocabulary=6)
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(RuntimeError, match="attach the encoders"):
+        proj(x)
+    table = torch.nn.Embedding(20, 8)
+    proj.bind(table)
+    with pytest.raises(ConfigError, match="no vocabulary yet.*encoder_pretraining_steps"):
+        proj(x)
+    proj.set_vocabulary([7, 3, 11, 3])  # distinct and sorted; the rest of the buffer is padding
+    assert proj.vocab_ids.tolist() == [3, 7, 11, -1, -1, -1]
+    out = proj(x)
+    rows = table.weight[[3, 7, 11]]
+    weights = torch.linalg.lstsq(rows.T, out.reshape(-1, 8).T).solution.T  # each token: a mixture of the 3 rows
+    assert torch.allclose(rows.T @ weights.T, out.reshape(-1, 8).T, atol=1e-5)
+    assert torch.allclose(weights.sum(-1), torch.ones(6), atol=1e-4) and (weights > -1e-4).all()
+    assert set(proj.written(x).flatten().tolist()) <= {3, 7, 11}  # never the padding
+    assert set(proj.state_dict()) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias", "vocab_ids"}
+    with pytest.raises(ConfigError, match="encoders.word_vocabulary.*7 distinct tokens"):
+        proj.set_vocabulary(range(7))
+    with pytest.raises(Exception, match="3 tokens"):
+        proj.logits(torch.randn(2, 4, 4))
+
+
+def test_the_encoders_config_names_an_unknown_projector():
+    with pytest.raises(ConfigError, match="encoders.projector.*mlp, words.*'linear'"):
+        EncoderConfig(projector="linear").validate()
+
+
+def test_train_py_pretrains_soft_words_and_reloads_them_bound_to_the_lm(tmp_path):
+    """A run with soft words trains, saves and reloads with the same outputs: the loaded projector reads the
+    loaded LM's embeddings."""
+    import moelora
+    from moelora.base_models import resolve_base_model
+    from tests.multimodal_batches import mixed_batch
+
+    out = tmp_path / "run"
+    train.main([*TINY, "encoders.projector=words", "encoder_pretraining_steps=5", f"output_dir={out}"])
+    assert set(json.loads((out / "encoder_pretraining.json").read_text())) == {"image", "audio"}
+    base, tok = resolve_base_model("tiny-random-llama")
+    model = moelora.MoELoRAModel.from_pretrained(base, out / "adapter").eval()
+    assert model.encoders.image.proj._embedding is model.base_model.get_input_embeddings()
+    batch = mixed_batch(model, tok, labels=False)
+    with torch.no_grad():
+        first = model(**batch).logits
+        again = moelora.MoELoRAModel.from_pretrained(resolve_base_model("tiny-random-llama")[0], out / "adapter").eval()
+        assert torch.equal(again(**batch).logits, first)
+
+
+def test_a_words_projector_without_pretraining_is_refused_with_the_key_named(tmp_path, capsys):
+    assert train.cli([*TINY, "encoders.projector=words", f"output_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert "encoder_pretraining_steps" in err and "words" in err and "Traceback" not in err
+
+
+def test_pretraining_data_adds_media_for_pretraining_only(tmp_path, capsys):
+    """encoder_pretraining_data's pictures join the pretraining's items; the LM's training set is unchanged."""
+    plain, more = tmp_path / "plain", tmp_path / "more"
+    train.main([*TINY, "encoder_pretraining_steps=2", f"output_dir={plain}"])
+    train.main([*TINY, "encoder_pretraining_steps=2", "encoder_pretraining_data={caption_digit: 30}",
+                f"output_dir={more}"])
+    items = [json.loads((run / "encoder_pretraining.json").read_text())["image"]["items"] for run in (plain, more)]
+    assert items[0] < items[1] <= items[0] + 30
+    epochs = [[json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+              for run in (plain, more)]
+    assert epochs[0] and epochs[0] == epochs[1]  # the same steps are the same share of an epoch: same training set
+    for bad, named in (("{caption_digit: 0}", "encoder_pretraining_data.caption_digit"),
+                       ("{add: 5}", "encoder_pretraining_data.add"), ("[3]", "encoder_pretraining_data")):
+        assert train.cli([*TINY, "encoder_pretraining_steps=2", f"encoder_pretraining_data={bad}",
+                          f"output_dir={tmp_path / 'bad'}"]) == 2
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err, err
+    assert train.cli([*TINY, "encoder_pretraining_data={caption_digit: 3}", f"output_dir={tmp_path / 'nosteps'}"]) == 2
+    assert "encoder_pretraining_steps > 0" in capsys.readouterr().err

@@ -23,17 +23,23 @@ def test_shipped_config_is_a_valid_run_config(path):
     assert cfg.max_steps > 0 and cfg.output_dir
 
 
-STAGE_2 = sorted(p.name for p in (REPO / "configs/perceive").glob("*.yaml") if p.name != "align.yaml")
+PERCEIVE = sorted(p.name for p in (REPO / "configs/perceive").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("name", STAGE_2)
-def test_the_perceive_recipe_is_staged(name):
-    align = load_run_config(str(REPO / "configs/perceive/align.yaml"))
+@pytest.mark.parametrize("name", PERCEIVE)
+def test_the_perceive_recipe_is_one_run_of_soft_words_per_method(name):
     tune = load_run_config(str(REPO / f"configs/perceive/{name}"))
     lora16 = load_run_config(str(REPO / "configs/perceive/lora16.yaml"))
-    assert align.stage == "align" and tune.stage == "joint"
-    # the methods' stage 2 differ from LoRA-16's in the method and the output folder only
+    # the methods' runs differ from LoRA-16's in the method and the output folder only
     differs = {k for k, v in tune.to_dict().items() if lora16.to_dict()[k] != v}
-    assert differs <= {"method", "output_dir"} and len(STAGE_2) >= 3, differs
+    assert differs <= {"method", "output_dir"} and len(PERCEIVE) >= 3, differs
+    assert tune.encoders.projector == "words" and tune.encoder_pretraining_steps > 0
+    assert tune.init_encoders_from is None and tune.freeze_encoders and tune.freeze_projectors
+
+
+def test_the_staged_recipe_starts_stage_2_from_stage_1():
+    align = load_run_config(str(REPO / "configs/perceive/staged/align.yaml"))
+    tune = load_run_config(str(REPO / "configs/perceive/staged/lora16.yaml"))
+    assert align.stage == "align" and tune.stage == "joint"
     assert Path(tune.init_encoders_from) == Path(align.output_dir)
     assert tune.encoders.to_dict() == align.encoders.to_dict()  # init_encoders_from requires equal encoders
