@@ -65,6 +65,7 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     from moelora.model import check_token_ids
     from moelora.multimodal.transfer import load_encoders_from, matching_adapter_folder
     from moelora.multimodal.pretraining import pretrain_encoders
+    from moelora.multimodal.model import attach_seeded_encoders
     from moelora.checkpoint import write_json
     from moelora.supervised_loss import supervised_positions
     from moelora.training.batches import BatchOrder
@@ -122,8 +123,9 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     base, tokenizer = resolve_base_model(cfg.base_model, dtype=getattr(torch, cfg.dtype))
     multimodal = cfg.data.suite == "multimodal"  # images/audio: encoders + projectors train with the adapter
     try:
-        model = moelora.get_moelora_model(base, cfg.method_config, base_model_id=cfg.base_model,
-                                          encoders=cfg.encoders if multimodal else None)
+        model = moelora.get_moelora_model(base, cfg.method_config, base_model_id=cfg.base_model)
+        if multimodal:  # on an RNG stream of their own: every method's run of one seed starts the same encoders
+            attach_seeded_encoders(model, cfg.encoders, cfg.seed)
     except (MemoryError, RuntimeError) as exc:  # e.g. method.r=1e10: report the size, not an allocator trace
         if not isinstance(exc, MemoryError) and "alloc" not in str(exc) and "out of memory" not in str(exc):
             raise

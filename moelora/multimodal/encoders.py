@@ -71,6 +71,10 @@ class EncoderConfig(StrictConfig):
     projector: str = "mlp"
     # The most distinct tokens a words projector may write (its captions' tokens; the built-in suite's use ~60).
     word_vocabulary: int = 256
+    # How a words projector composes its words: "mlp", one MLP over all feature tokens (RESULTS.md §18: 9M
+    # parameters; in 12-28% of held-out scenes one shape's word is copied from a neighbour); "attention", a learned
+    # query per output token attends over the feature tokens (2-layer decoder, ~0.5M parameters).
+    word_writer: str = "mlp"
     # A local HF vision model folder (CLIP/SigLIP, or its vision tower) as the image feature extractor instead of
     # our conv; None: ours (no download, trains from scratch). image_width is then the model's hidden size.
     image_model: str | None = None
@@ -78,6 +82,8 @@ class EncoderConfig(StrictConfig):
     audio_model: str | None = None
 
     def validate(self):
+        if self.word_writer not in ("mlp", "attention"):
+            raise self.error("word_writer", f"must be mlp or attention, got {self.word_writer!r}")
         if self.projector not in PROJECTORS:
             raise self.error("projector", f"must be one of {', '.join(PROJECTORS)}, got {self.projector!r}")
         for name in ("image_channels", "image_grid", "image_width", "n_mels", "audio_tokens", "audio_width",
@@ -89,6 +95,9 @@ class EncoderConfig(StrictConfig):
                 raise self.error(name, "must name a local Hugging Face model folder (or be null for our conv encoder)")
             if getattr(self, name):  # absolute, so a checkpoint finds the folder from any working directory
                 setattr(self, name, str(Path(getattr(self, name)).expanduser().resolve()))
+        if self.projector == "words" and self.pretrained():
+            raise self.error("projector", f"words is taught in encoder pretraining, which trains our conv encoders "
+                             f"only: use mlp with {' and '.join(k + '_model' for k in self.pretrained())}")
 
     def pretrained(self) -> dict[str, str]:
         """{"image"/"audio": folder} of the encoders that are pretrained HF models."""
@@ -143,15 +152,28 @@ class WordProjector(nn.Module):
     tokens made pretraining ~15x slower on a CPU. The embedding table is the LM's (bound by `attach_encoders`,
     never saved here)."""
 
-    def __init__(self, tokens: int, width: int, hidden: int, embed_std: float, vocabulary: int):
+    def __init__(self, tokens: int, width: int, hidden: int, embed_std: float, vocabulary: int,
+                 writer: str = "mlp"):
         super().__init__()
-        self.tokens, self.hidden = tokens, hidden
-        self.net = nn.Sequential(nn.Linear(tokens * width, hidden), nn.GELU(), nn.Linear(hidden, tokens * hidden))
+        self.tokens, self.hidden, self.writer = tokens, hidden, writer
+        if writer == "mlp":  # all feature tokens flattened -> every output token's query at once
+            self.net = nn.Sequential(nn.Linear(tokens * width, hidden), nn.GELU(), nn.Linear(hidden, tokens * hidden))
+            first, last = self.net[0], self.net[2]
+            fan_in = tokens * width
+        else:  # "attention": the feature tokens attend to each other, then a learned query per output position
+            # attends over them (a DETR/Q-Former-style decoder), so each written word reads the cells it names
+            layer = dict(nhead=4, dim_feedforward=4 * width, dropout=0.0, batch_first=True, norm_first=True)
+            self.mix = nn.TransformerEncoder(nn.TransformerEncoderLayer(width, **layer), 1, enable_nested_tensor=False)
+            self.slots = nn.Parameter(torch.randn(tokens, width) / math.sqrt(width))
+            self.decode = nn.TransformerDecoder(nn.TransformerDecoderLayer(width, **layer), 2)
+            self.net = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+            first, last = self.net[1], self.net[3]
+            fan_in = width
         with torch.no_grad():  # logits start ~N(0, 1): a query of RMS 1/(embed_std sqrt(d)) against rows of RMS embed_std
-            nn.init.normal_(self.net[0].weight, std=1 / math.sqrt(tokens * width))
-            self.net[0].bias.zero_()
-            nn.init.normal_(self.net[2].weight, std=1 / (embed_std * math.sqrt(hidden) * _GELU_RMS * math.sqrt(hidden)))
-            self.net[2].bias.zero_()
+            nn.init.normal_(first.weight, std=1 / math.sqrt(fan_in))
+            first.bias.zero_()
+            nn.init.normal_(last.weight, std=1 / (embed_std * math.sqrt(hidden) * _GELU_RMS * math.sqrt(hidden)))
+            last.bias.zero_()
         self.register_buffer("vocab_ids", torch.full((vocabulary,), -1, dtype=torch.long))
         self.__dict__["_embedding"] = None  # a plain attribute: the LM's table is not this module's to save or move
 
@@ -184,8 +206,14 @@ class WordProjector(nn.Module):
         if features.shape[1] != self.tokens:
             raise DataError(f"a words projector for {self.tokens} tokens got {features.shape[1]}")
         table, real = self.words()
-        queries = self.net(features.flatten(1)).view(features.shape[0], self.tokens, self.hidden)
-        return (queries.float() @ table.float().T).masked_fill(~real, float("-inf"))
+        return (self.queries(features).float() @ table.float().T).masked_fill(~real, float("-inf"))
+
+    def queries(self, features: torch.Tensor) -> torch.Tensor:
+        """[n, tokens, width] -> [n, tokens, hidden]: what each output token looks for in the vocabulary."""
+        if self.writer == "mlp":
+            return self.net(features.flatten(1)).view(features.shape[0], self.tokens, self.hidden)
+        memory = self.mix(features)
+        return self.net(self.decode(self.slots.to(features.dtype).expand(features.shape[0], -1, -1), memory))
 
     def written(self, features: torch.Tensor) -> torch.Tensor:
         """[n, tokens] the token id most likely at each position: what the projector writes, read as text."""
@@ -196,7 +224,7 @@ class WordProjector(nn.Module):
         return (self.logits(features).softmax(-1) @ table.float()).to(features.dtype)
 
     def extra_repr(self) -> str:
-        return f"tokens={self.tokens}, hidden={self.hidden}, vocabulary={len(self.vocab_ids)}"
+        return f"tokens={self.tokens}, hidden={self.hidden}, vocabulary={len(self.vocab_ids)}, writer={self.writer}"
 
 
 PROJECTORS = ("mlp", "words")  # EncoderConfig.projector
@@ -205,7 +233,7 @@ PROJECTORS = ("mlp", "words")  # EncoderConfig.projector
 def projector(cfg: EncoderConfig, tokens: int, width: int, hidden: int, embed_std: float) -> nn.Module:
     """The projector `cfg` asks for, from `tokens` feature tokens of `width` into the LM's `hidden` size."""
     if cfg.projector == "words":
-        return WordProjector(tokens, width, hidden, embed_std, cfg.word_vocabulary)
+        return WordProjector(tokens, width, hidden, embed_std, cfg.word_vocabulary, cfg.word_writer)
     return mlp_projector(width, hidden, embed_std, cfg.token_norm)
 
 

@@ -215,6 +215,15 @@ def attach_encoders(model, cfg: EncoderConfig, pretrained_trained: dict | None =
     return encoders
 
 
+def attach_seeded_encoders(model, cfg: EncoderConfig, seed: int) -> MediaEncoders:
+    """`model.attach_encoders(cfg)` drawn on an RNG stream of its own seeded by `seed`: every method's model of one
+    seed starts identical encoders (from the run's stream they would depend on how much the adapter drew), and
+    the run's later random draws are those of a model without them."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model.attach_encoders(cfg)
+
+
 def saved_encoder_config(meta: dict) -> tuple[EncoderConfig, dict[str, bool]]:
     """(encoder config, {kind: trained}) of a moelora_config.json's "encoders" and "pretrained_encoders"."""
     # A checkpoint saved before `feature_norm` or `position_embedding` existed has the encoders without them.

@@ -27,14 +27,17 @@ def _part(key: str) -> str:
 
 
 def _initial_state(out: Path) -> dict[str, torch.Tensor]:
-    """The run's model before its first step: train.py seeds, then builds the base and the adapter."""
+    """The run's model before its first step: train.py seeds, builds the base and the adapter, then the encoders
+    on their own seeded stream."""
     from accelerate.utils import set_seed
+
+    from moelora.multimodal.model import attach_seeded_encoders
 
     saved = json.loads((out / "adapter/moelora_config.json").read_text())
     set_seed(42)
     base, _ = resolve_base_model("tiny-random-llama")
-    model = moelora.get_moelora_model(base, moelora.config_from_dict(saved["config"]),
-                                      encoders=moelora.multimodal.EncoderConfig.from_dict(saved["encoders"]))
+    model = moelora.get_moelora_model(base, moelora.config_from_dict(saved["config"]))
+    attach_seeded_encoders(model, moelora.multimodal.EncoderConfig.from_dict(saved["encoders"]), 42)
     return {k: v.detach().clone() for k, v in model.adapter_state_dict().items()}
 
 
