@@ -66,6 +66,7 @@ def train(argv: list[str] | None, run: RunRecord) -> dict:
     from moelora.multimodal.transfer import load_encoders_from, matching_adapter_folder
     from moelora.multimodal.pretraining import pretrain_encoders
     from moelora.multimodal.model import attach_seeded_encoders
+    from moelora.training.examples import load_examples, load_pretraining_examples
     from moelora.checkpoint import write_json
     from moelora.supervised_loss import supervised_positions
     from moelora.training.batches import BatchOrder
@@ -534,44 +535,6 @@ def eval_record(res: dict) -> dict:
     record = {f"eval/{k}": v for k, v in res["per_task"].items()} | {"eval/average": res["average"]}
     record |= {f"eval/{k}": res[k] for k in ("loss", "perplexity") if k in res}
     return record
-
-
-def load_examples(cfg) -> tuple[list[dict], list[dict]]:
-    from moelora.data.tasks import build_task_suite
-    from moelora.data.user_data import load_user_data
-    from moelora.errors import ConfigError
-
-    train, evals = [], []
-    if cfg.data.tasks != "none" and cfg.data.suite == "multimodal":
-        from moelora.data.multimodal import build_multimodal_suite  # digits, shapes, espeak-ng speech + text tasks
-
-        train, evals = build_multimodal_suite(cfg.data.tasks, cfg.data.n_train_per_task, cfg.data.n_eval_per_task,
-                                              cfg.seed, cfg.data.n_train_for)
-    elif cfg.data.tasks != "none":
-        train, evals = build_task_suite(cfg.data.tasks, cfg.data.n_train_per_task, cfg.data.n_eval_per_task, cfg.seed,
-                                        cfg.data.n_train_for)
-    # Methods routed by task label (LoRA-Mixer's stage 1, MeteoRA's gate loss) need every row's task; other
-    # methods give rows without one data.default_task.
-    routed = cfg.method_config.task_labels([]) is not None
-    required = f"method {cfg.method_config.method_name} routes each row by its task label" if routed else None
-    for files, into in ((cfg.data.train_files, train), (cfg.data.eval_files, evals)):
-        if files:
-            into += load_user_data(files, task_field=cfg.data.task_field, default_task=cfg.data.default_task,
-                                   task_required_by=required)
-    if not train:
-        raise ConfigError("data", "no training data: set data.tasks or data.train_files")
-    return train, evals
-
-
-def load_pretraining_examples(cfg) -> list[dict]:
-    """encoder_pretraining_data's examples: more of the suite's pictures/clips, with the run's seed and held-out
-    split (so none of them is a held-out item of its task), for encoder pretraining only."""
-    if not cfg.encoder_pretraining_data or not cfg.encoder_pretraining_steps:
-        return []
-    from moelora.data.multimodal import build_multimodal_suite
-
-    counts = dict(cfg.encoder_pretraining_data)
-    return build_multimodal_suite(list(counts), 1, cfg.data.n_eval_per_task, cfg.seed, counts)[0]
 
 
 def cached_eval(path: Path, evaluates: bool, is_main: bool, accelerator, run, settings: dict) -> dict:

@@ -32,8 +32,8 @@ def main(argv=None) -> dict:
     from moelora.base_models import resolve_base_model
     from moelora.multimodal.model import attach_seeded_encoders
     from moelora.multimodal.pretraining import pretrain_encoders
+    from moelora.training.examples import load_examples, load_pretraining_examples
     from moelora.training.run_config import load_run_config
-    from train import load_examples, load_pretraining_examples
 
     cfg = load_run_config(args.config, args.overrides)
     if not cfg.encoder_pretraining_steps:

@@ -47,7 +47,8 @@ def main(argv=None) -> dict:
             for source in ex["sources"]:
                 kind = "audio" if source[0] == "speech" else "image"
                 encoder = getattr(model.encoders, kind)
-                proj = encoder.proj_vision_speech if kind == "audio" and len(ex["sources"]) > 1 and hasattr(
+                with_image = any(s[0] != "speech" for s in ex["sources"])  # Phi-4's vision-speech projector
+                proj = encoder.proj_vision_speech if kind == "audio" and with_image and hasattr(
                     encoder, "proj_vision_speech") else encoder.proj
                 if not isinstance(proj, WordProjector):
                     raise SystemExit(f"{run}: its {kind} projector does not write words (encoders.projector)")

@@ -119,8 +119,8 @@ def _digit_audio_match(rng, split):
 
 
 def _caption_digit(rng, split):
-    d = rng.randrange(10)
-    return IMAGE_MARKER, str(d), [_scan(rng, split, d)]
+    scan = _scan(rng, split, rng.randrange(10))
+    return IMAGE_MARKER, source_caption(scan), [scan]
 
 
 def scene_caption(scene: images.ShapeScene) -> str:
@@ -134,14 +134,15 @@ def _caption_shapes(rng, split):
         kind, scene = _scene(rng, rng.randint(1, 3), distinct_shapes=True)
     else:
         kind, scene = _scene(rng, rng.randint(1, 4))
-    return IMAGE_MARKER, scene_caption(scene), [(kind, scene)]
+    return IMAGE_MARKER, source_caption((kind, scene)), [(kind, scene)]
 
 
 def _caption_speech(rng, split):
     source = rng.randrange(3)  # the texts of spoken_digit, transcribe_word and spoken_arithmetic, a third each
     text = (DIGIT_WORDS[rng.randrange(10)] if source == 0 else rng.choice(SPOKEN_WORDS) if source == 1
             else _expression(rng)[0])
-    return AUDIO_MARKER, text, [_clip(rng, split, text)]
+    clip = _clip(rng, split, text)
+    return AUDIO_MARKER, source_caption(clip), [clip]
 
 
 # ---------------------------------------------------------------- what each picture or clip shows, as class labels
@@ -176,7 +177,8 @@ def source_labels(source: tuple) -> tuple[str, list[int]]:
 
 
 def source_caption(source: tuple) -> str:
-    """What a picture or clip shows, as its caption task writes it: "7", "red square, blue cross", "seven plus two"."""
+    """What a picture or clip shows: "7", "red square, blue cross", "seven plus two" (the caption tasks' answers,
+    and a words projector's pretraining targets)."""
     if source[0] == "digit":
         return str(images.digit_label(source[1]))
     if source[0] == "scene":

@@ -82,8 +82,8 @@ class EncoderConfig(StrictConfig):
     audio_model: str | None = None
 
     def validate(self):
-        if self.word_writer not in ("mlp", "attention"):
-            raise self.error("word_writer", f"must be mlp or attention, got {self.word_writer!r}")
+        if self.word_writer not in WORD_WRITERS:
+            raise self.error("word_writer", f"must be {' or '.join(WORD_WRITERS)}, got {self.word_writer!r}")
         if self.projector not in PROJECTORS:
             raise self.error("projector", f"must be one of {', '.join(PROJECTORS)}, got {self.projector!r}")
         for name in ("image_channels", "image_grid", "image_width", "n_mels", "audio_tokens", "audio_width",
@@ -228,6 +228,7 @@ class WordProjector(nn.Module):
 
 
 PROJECTORS = ("mlp", "words")  # EncoderConfig.projector
+WORD_WRITERS = ("mlp", "attention")  # EncoderConfig.word_writer (WordProjector's writer)
 
 
 def projector(cfg: EncoderConfig, tokens: int, width: int, hidden: int, embed_std: float) -> nn.Module:

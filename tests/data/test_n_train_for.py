@@ -5,8 +5,8 @@ import pytest
 from moelora.data.multimodal import build_multimodal_suite
 from moelora.data.tasks import build_task_suite
 from moelora.errors import ConfigError, DataError
+from moelora.training.examples import load_examples
 from moelora.training.run_config import load_run_config
-from tests.tiny_runs import train
 
 
 def by_task(examples, task):
@@ -52,5 +52,5 @@ def test_config_checks_the_key():
 
 def test_train_py_passes_it_to_the_suite():
     cfg = load_run_config(None, ["data.tasks=[add,sort_asc]", "data.n_train_per_task=6", "data.n_train_for={add: 9}"])
-    examples, _ = train.load_examples(cfg)
+    examples, _ = load_examples(cfg)
     assert len(by_task(examples, "add")) == 9 and len(by_task(examples, "sort_asc")) == 6
