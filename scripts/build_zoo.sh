@@ -2,7 +2,7 @@
 # Train every released checkpoint of model_cards/ on SmolLM2-135M-Instruct, one after another, then
 # evaluate them all with evaluate.py and copy adapters + results into model_cards/<name>/.
 #
-#   scripts/build_zoo.sh              # everything (~75 min on 2 CPU cores); finished runs are skipped
+#   scripts/build_zoo.sh              # everything (the three multimodal runs ~35 min each on 2 CPU cores); finished runs are skipped
 #   ONLY="lora-8 smora-64-8" scripts/build_zoo.sh
 #   SEED=43 RUNS=runs/seeds/43 ONLY="lora-8" scripts/build_zoo.sh   # another seed (scripts/seed_runs.sh)
 #   ONLY="smora-64-8-u1e-3" scripts/build_zoo.sh   # a study row (study below): only ever trained when named
@@ -71,9 +71,9 @@ EXPERTS="${EXPERTS%, }}"
 train lora-mixer --config configs/lora_mixer.yaml "method.experts=$EXPERTS" method.top_k=2
 train xlora --config configs/xlora.yaml "method.experts=$EXPERTS"
 
-# --- multimodal suite: MixLoRA and modality routing, and plain LoRA at MixLoRA's factor count -----
-# MixLoRA's routers (A, B and the conditional A->B map) outweigh its factors: on q,k,v,o it is 17 MB, so it and
-# its LoRA baseline adapt q,v; modality routing (7.4 MB of LoRAs + encoders) keeps q,k,v,o.
-train mixlora --config configs/mixlora.yaml "$QV"  # CFS routers: 17 MB on q,k,v,o, 10 MB on q,v
-train modality --config configs/modality.yaml "$ATTN"
-train lora-16-multimodal --config configs/lora.yaml "$QV" data.suite=multimodal data.n_train_per_task=300 method.r=16 method.alpha=32 max_steps=200
+# --- multimodal suite: the perceiving recipe (issue 18; configs/perceive/), LoRA-16 and, at equal rank on the
+# same modules (q,v), MixLoRA and modality routing. Each run pretrains its encoders and soft-word projectors
+# (~3 min, no LM), then trains the method with them frozen: ~33 min each on 2 cores.
+train lora-16-multimodal --config configs/perceive/lora16.yaml
+train mixlora --config configs/perceive/mixlora16.yaml
+train modality --config configs/perceive/modality.yaml

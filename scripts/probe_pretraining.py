@@ -6,7 +6,8 @@
 
 Builds the run's data (plus encoder_pretraining_data), its model with encoders, pretrains them exactly as
 train.py does before its first step, and prints the report (held-out accuracy per label group and, for words
-projectors, whole captions) with the seconds it took, as one JSON object. Nothing is written.
+projectors, whole captions, also per task of the held-out split) with the seconds it took, as one JSON object.
+Nothing is written.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+PER_TASK = ("digit_read", "shape_color", "shape_count", "spoken_digit", "digit_audio_match")  # held-out captions by task
 
 
 def main(argv=None) -> dict:
@@ -34,6 +38,7 @@ def main(argv=None) -> dict:
     from moelora.multimodal.pretraining import pretrain_encoders
     from moelora.training.examples import load_examples, load_pretraining_examples
     from moelora.training.run_config import load_run_config
+    from scripts.read_soft_words import captions_by_task
 
     cfg = load_run_config(args.config, args.overrides)
     if not cfg.encoder_pretraining_steps:
@@ -47,6 +52,9 @@ def main(argv=None) -> dict:
     report = pretrain_encoders(model.encoders, train_examples + load_pretraining_examples(cfg), eval_examples,
                                cfg.encoder_pretraining_steps, cfg.seed, tokenizer)
     report["seconds"] = round(time.perf_counter() - start, 1)
+    tasks = [t for t in PER_TASK if t in {ex["task"] for ex in eval_examples}]
+    report["captions right by task"] = {task: entry["captions right (%)"] for task, entry in captions_by_task(
+        model.encoders, tokenizer, eval_examples, tasks, show=0).items()}
     print(json.dumps(report, indent=1))
     return report
 

@@ -71,8 +71,6 @@ ZOO = {
 }
 UNRELEASED = {  # evaluated beside the zoo (their numbers appear in the comparison) but not released
     **{f"expert-{f}": "text" for f in ("arithmetic", "strings", "lists", "units")},
-    "mixlora-qkvo": "multimodal",  # MixLoRA on q,k,v,o: 17 MB, over the size budget
-    "lora-16-multimodal-qkvo": "multimodal",  # its LoRA baseline on the same modules
 }
 SUITE_TEXT = {"text": "the built-in text suite: 12 generated tasks (arithmetic, strings, lists, unit conversion)",
               "multimodal": "the built-in multimodal suite: digit images, coloured shapes, espeak-ng speech, plus "

@@ -23,6 +23,7 @@ Runs with their own torch RNG stream (forked), so the run's later random draws a
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -33,7 +34,8 @@ from ..errors import ConfigError
 from .encoders import WordProjector, part_of
 
 BATCH = 64  # pictures (and clips) per step: as the direct kind probe that learned in 200 steps (RESULTS §16c)
-LEARNING_RATE = 1e-3  # AdamW; the same probe's rate
+LEARNING_RATE = 1e-3  # AdamW's peak rate; the same probe's
+WARMUP = 0.05  # share of the steps the rate rises over, then it decays to 0 on a cosine (as the run's own schedule)
 HELD_OUT_MAX = 512  # held-out items scored per kind (enough for a 1-point resolution, fast on a CPU)
 PAD_TEXT = " "  # what a words projector writes before a caption shorter than its tokens: spaces
 
@@ -104,6 +106,15 @@ def _caption_hits(proj: WordProjector, features: torch.Tensor, targets: torch.Te
     return round((proj.written(features) == targets).all(-1).float().mean().item() * 100, 1)
 
 
+def _rate(step: int, steps: int) -> float:
+    """The learning rate's share of LEARNING_RATE at `step`: linear warm-up over WARMUP of the steps, then cosine
+    decay to 0, the schedule of the run's own training (configs/perceive/*.yaml)."""
+    warm = max(1, round(WARMUP * steps))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
 def pretrain_encoders(encoders, train_examples: list[dict], eval_examples: list[dict], steps: int,
                       seed: int, tokenizer=None) -> dict:
     """Train the feature extractors of `encoders` (a MediaEncoders), and its words projectors, on the media of
@@ -142,6 +153,7 @@ def pretrain_encoders(encoders, train_examples: list[dict], eval_examples: list[
         for p in params:
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _rate(step, steps))
         losses = {}
         for _ in range(steps):
             total = 0.0
@@ -150,14 +162,15 @@ def pretrain_encoders(encoders, train_examples: list[dict], eval_examples: list[
                 pick = torch.tensor(order.sample(range(len(x)), min(BATCH, len(x))))
                 features = enc.features(x[pick].to(dtypes[kind]))
                 loss, _ = nets[kind].loss_and_hits(features, y[pick])
-                for proj in words[kind].values():  # each item's caption, a word per token
-                    loss = loss + nn.functional.cross_entropy(proj.logits(features).flatten(0, 1),
-                                                              targets[kind]["train"][pick].flatten())
+                for proj in words[kind].values():  # each item's caption, a word per token (told the words after)
+                    said = targets[kind]["train"][pick]
+                    loss = loss + nn.functional.cross_entropy(proj.logits(features, said).flatten(0, 1), said.flatten())
                 losses[kind] = loss.item()
                 total = total + loss
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
+            schedule.step()
         for p in params:
             p.requires_grad_(was[id(p)])
             p.grad = None
