@@ -114,3 +114,35 @@ def test_per_part_rates_reach_a_trainer_through_parameter_groups(tmp_path):
 def test_parameter_groups_name_a_bad_modality():
     with pytest.raises(moelora.ConfigError, match="encoder_learning_rate.*names video; the modalities are image"):
         moelora.parameter_groups(_model("lora", True), 1e-3, encoder_learning_rate={"video": 1e-3})
+
+
+def test_soft_words_pretrained_then_frozen_under_a_trainer_reload_bound_to_the_lm(tmp_path):
+    """The perceiving recipe (configs/perceive/) in a Trainer script: `pretrain_encoders` with the tokenizer
+    teaches the words projectors their captions, the encoders are frozen, Trainer trains the adapters alone,
+    and its checkpoint reloads with the projectors reading the reloaded LM's embeddings and the same logits."""
+    from moelora.data.multimodal import build_multimodal_suite
+    from moelora.multimodal.pretraining import pretrain_encoders
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    model = moelora.get_moelora_model(tied_llama(), {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+                                      encoders=EncoderConfig(projector="words", image_width=8, audio_width=8))
+    train_set, eval_set = build_multimodal_suite(["digit_read", "spoken_digit"], 6, 4, seed=0)
+    report = pretrain_encoders(model.encoders, train_set, eval_set, steps=3, seed=0, tokenizer=tokenizer)
+    assert "captions" in report["image"]["held-out accuracy"] and "captions" in report["audio"]["held-out accuracy"]
+    model.encoders.requires_grad_(False)  # train.py's freeze_encoders + freeze_projectors
+    pretrained = {k: v.clone() for k, v in model.encoders.state_dict().items()}
+    encoded = encode_multimodal_examples(tokenizer, train_set, 256, model.media_tokens)
+    data = datasets.Dataset.from_list([{k: [x.tolist() for x in v] if k in ("images", "audio") else v
+                                        for k, v in row.items()} for row in encoded])
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer(model, tmp_path / "run", data=data, data_collator=MultimodalCollator(tokenizer.pad_token_id)).train()
+
+    assert all(torch.equal(v, pretrained[k]) for k, v in model.encoders.state_dict().items())
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    batch = mixed_batch(model, tokenizer, eval_set)
+    want = _logits(model, batch)
+    reloaded = moelora.MoELoRAModel.from_pretrained(tied_llama(), tmp_path / "run" / "checkpoint-2")
+    assert reloaded.encoders.image.proj._embedding is reloaded.base_model.get_input_embeddings()
+    assert reloaded.encoders.image.proj.vocab_ids.equal(model.encoders.image.proj.vocab_ids)
+    torch.testing.assert_close(_logits(reloaded, batch), want)
