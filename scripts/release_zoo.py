@@ -149,14 +149,18 @@ def seed_spread(name: str) -> dict | None:
     return entry if entry and len(entry["seeds"]) > 1 else None
 
 
+TEXT_SEEDS = {"code": "2026-12-02", "results": "§9-12"}  # where the text zoo's seeds ran and are reported
+
+
 def spread_sentence(spread: dict | None) -> str:
     """What the card says about the seed-to-seed spread of its command."""
     if spread is None:
         return ("the seed-to-seed spread is not measured yet, and re-running the top-level README's default\n"
                 "command on later code moved its average by 4.9 points. Compare checkpoints by larger gaps only.")
     avg = spread["average"]
-    return (f"the same command, rerun on the code of 2026-12-02 under {seeds_phrase(spread['seeds'])}, each\n"
-            f"scored on its own seed's held-out split (`benchmarks/RESULTS.md` §9-12), averaged **{avg['mean']:.1f} ± "
+    where = spread.get("provenance") or TEXT_SEEDS  # entries written before seed_table.py recorded it: the text seeds
+    return (f"the same command, rerun on the code of {where['code']} under {seeds_phrase(spread['seeds'])}, each\n"
+            f"scored on its own seed's held-out split (`benchmarks/RESULTS.md` {where['results']}), averaged **{avg['mean']:.1f} ± "
             f"{avg['sd']:.1f}**\n(per seed: {', '.join(f'{v:.1f}' for v in avg['per_seed'])}; per task in the last "
             f"column below). That spread is what a\ncomparison with this checkpoint has to beat.")
 

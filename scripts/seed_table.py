@@ -153,11 +153,13 @@ def summary(runs: dict[str, dict[int, dict]]) -> dict:
     return out
 
 
-def write_summary(path: Path, runs: dict[str, dict[int, dict]]):
+def write_summary(path: Path, runs: dict[str, dict[int, dict]], provenance: dict | None = None):
     """summary(runs) into the JSON at path: the methods of this table replace their entries, the others stay
-    (model_cards/seeds.json gathers methods scored in different sessions)."""
+    (model_cards/seeds.json gathers methods scored in different sessions). `provenance` ({"code": date,
+    "results": RESULTS.md sections}) goes into each new entry: the cards say which code the seeds ran on."""
     kept = json.loads(path.read_text()) if path.is_file() else {}
-    path.write_text(json.dumps(dict(sorted({**kept, **summary(runs)}.items())), indent=1) + "\n")
+    new = {name: {**entry, "provenance": provenance} if provenance else entry for name, entry in summary(runs).items()}
+    path.write_text(json.dumps(dict(sorted({**kept, **new}.items())), indent=1) + "\n")
 
 
 def main():
@@ -170,7 +172,13 @@ def main():
     p.add_argument("--json", type=Path, default=None, help="write the summary (summary()) as JSON here; methods "
                    "already in the file and not in this table are kept")
     p.add_argument("--record", type=Path, default=None, help="write each run's record to <here>/<seed>/<name>.json")
+    p.add_argument("--code-date", default=None, help="with --json: the date of the code the seeds ran on (the cards "
+                   "quote it)")
+    p.add_argument("--results-section", default=None, help="with --json: where benchmarks/RESULTS.md reports them, "
+                   "e.g. '§19'")
     a = p.parse_args()
+    if (a.code_date is None) != (a.results_section is None):
+        p.error("--code-date and --results-section go together")
     runs = load_runs(*a.roots)
     if a.only:
         runs = {n: r for n, r in runs.items() if n in a.only}
@@ -185,7 +193,7 @@ def main():
     if a.out:
         a.out.write_text(text)
     if a.json:
-        write_summary(a.json, runs)
+        write_summary(a.json, runs, {"code": a.code_date, "results": a.results_section} if a.code_date else None)
 
 
 if __name__ == "__main__":

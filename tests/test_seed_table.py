@@ -108,3 +108,24 @@ def test_json_replaces_this_tables_methods_and_keeps_the_others(tmp_path):
     data = json.loads(out.read_text())
     assert list(data) == ["lora-64", "xlora"] and data["lora-64"] == {"seeds": [42, 43]}
     assert data["xlora"]["seeds"] == [42, 43] and data["xlora"]["average"]["mean"] == 82.5
+
+
+def test_the_cards_say_which_code_and_section_each_methods_seeds_come_from(tmp_path):
+    """seeds.json gathers methods seeded in different sessions, on different code: each entry written with a
+    provenance keeps it, an older entry without one stays as it was, and a card quotes its own."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import release_zoo
+
+    for seed in (42, 43):
+        write_run(tmp_path, seed, "lora-16-multimodal", {"add": 50.0 + seed})
+    out = tmp_path / "seeds.json"
+    out.write_text(json.dumps({"lora-8": {"seeds": [42, 43, 44], "average": {"mean": 44.9, "sd": 0.2, "per_seed": []}}}))
+    seed_table.write_summary(out, seed_table.load_runs(tmp_path), {"code": "2026-12-07", "results": "§19"})
+    entries = json.loads(out.read_text())
+    assert entries["lora-16-multimodal"]["provenance"] == {"code": "2026-12-07", "results": "§19"}
+    assert "provenance" not in entries["lora-8"]
+    new, old = (release_zoo.spread_sentence(entries[n]) for n in ("lora-16-multimodal", "lora-8"))
+    assert "code of 2026-12-07" in new and "RESULTS.md` §19)" in new
+    assert "code of 2026-12-02" in old and "RESULTS.md` §9-12)" in old
