@@ -207,7 +207,7 @@ class WordProjector(nn.Module):
         if not torch.compiler.is_compiling() and bool(self.vocab_ids[0] < 0):  # one host read, for a clear error
             raise ConfigError("encoders.projector", "words: this projector has no vocabulary yet (encoder pretraining "
                               "sets it from the captions: encoder_pretraining_steps > 0)")
-        return self._embedding.weight[self.vocab_ids.clamp(min=0)], self.vocab_ids >= 0
+        return _rows(self._embedding.weight, self.vocab_ids.clamp(min=0)), self.vocab_ids >= 0
 
     def logits(self, features: torch.Tensor, said: torch.Tensor | None = None) -> torch.Tensor:
         """[n, tokens, width] -> [n, tokens, V] (fp32; -inf at the padding of `vocab_ids`). `said` [n, tokens]:
@@ -215,6 +215,7 @@ class WordProjector(nn.Module):
         after it (teacher forcing, in pretraining); None: its own greedy words. Other writers ignore it."""
         if features.shape[1] != self.tokens:
             raise DataError(f"a words projector for {self.tokens} tokens got {features.shape[1]}")
+        _zero3_attention(self)
         table, real = self.words()
         read = lambda queries: (queries.float() @ table.float().T).masked_fill(~real, float("-inf"))  # noqa: E731
         if self.writer != "autoregressive":
@@ -254,6 +255,33 @@ class WordProjector(nn.Module):
 
     def extra_repr(self) -> str:
         return f"tokens={self.tokens}, hidden={self.hidden}, vocabulary={len(self.vocab_ids)}, writer={self.writer}"
+
+
+def _rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """weight[ids], also where DeepSpeed ZeRO-3 has partitioned the LM's table: the projector reads it outside
+    the table's own forward, where nothing gathers it, so it is gathered for the read. Those rows are then a copy
+    (the base's table is frozen; a trained one still learns through its own forward, not through the words)."""
+    if not hasattr(weight, "ds_id"):
+        return weight[ids]
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+        return weight[ids].detach().clone()
+
+
+def _zero3_attention(module: nn.Module) -> None:
+    """Under DeepSpeed ZeRO-3, tell it that each nn.MultiheadAttention reads its out_proj's parameters: the
+    attention calls F.multi_head_attention_forward with them instead of calling out_proj, so ZeRO-3, which gathers
+    a module's parameters when that module runs, would hand it the empty partitions. Once per module, on the
+    first call that sees partitioned parameters; nothing without DeepSpeed."""
+    for attention in module.modules():
+        if (isinstance(attention, nn.MultiheadAttention) and hasattr(attention.out_proj.weight, "ds_id")
+                and not getattr(attention, "_moelora_zero3", False)):
+            import deepspeed
+
+            for p in attention.out_proj.parameters():
+                deepspeed.zero.register_external_parameter(attention, p)
+            attention._moelora_zero3 = True
 
 
 PROJECTORS = ("mlp", "words")  # EncoderConfig.projector

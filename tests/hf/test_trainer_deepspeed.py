@@ -82,3 +82,65 @@ def test_trainer_under_deepspeed_needs_no_callback_and_checkpoints_the_adapter(t
     resumed = moelora.MoELoRAModel.from_pretrained(tied_llama(), tmp_path / "resumed" / "checkpoint-2")
     for key, value in resumed.adapter_state_dict().items():  # resumed from checkpoint-1 = uninterrupted
         torch.testing.assert_close(value, trained[key], atol=1e-6, rtol=1e-5)
+
+
+WORDS_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from safetensors.torch import save_file
+    from transformers import Trainer, TrainingArguments
+    import datasets, moelora
+    from moelora.base_models import build_tiny_tokenizer
+    from moelora.data.media import MultimodalCollator, encode_multimodal_examples
+    from moelora.data.multimodal import build_multimodal_suite
+    from moelora.multimodal import EncoderConfig
+    from moelora.multimodal.pretraining import pretrain_encoders
+    from tests.hf.test_trainer import tied_llama
+    out, ds_json = sys.argv[1], sys.argv[2]
+
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    model = moelora.get_moelora_model(tied_llama(), {config!r}, encoders=EncoderConfig(**{encoders!r}))
+    train_set, eval_set = build_multimodal_suite(["digit_read", "spoken_digit"], 6, 4, seed=0)
+    pretrain_encoders(model.encoders, train_set, eval_set, steps=3, seed=0, tokenizer=tok)
+    model.encoders.requires_grad_(False)
+    probe = torch.stack(eval_set[0]["images"])
+    with torch.no_grad():
+        before = model.encoders.image(probe)
+    rows = encode_multimodal_examples(tok, train_set, 256, model.media_tokens)
+    data = datasets.Dataset.from_list([{{k: [x.tolist() for x in v] if k in ("images", "audio") else v
+                                        for k, v in row.items()}} for row in rows])
+    args = TrainingArguments(output_dir=out + "/run", report_to="none", max_steps=2, per_device_train_batch_size=2,
+                             logging_steps=1, save_steps=2, learning_rate=1e-2, disable_tqdm=True, deepspeed=ds_json)
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=MultimodalCollator(tok.pad_token_id))
+    trainer.train()
+    with torch.no_grad():  # partitioned again between steps: the table's rows and the writer's weights gathered
+        during = model.encoders.image(probe)
+    if trainer.is_world_process_zero():
+        save_file({{"probe": probe, "before": before, "during": during}}, out + "/probe.safetensors")
+""")
+
+
+@pytest.mark.slow
+def test_soft_words_train_under_zero3_with_the_lm_table_and_attention_weights_gathered(tmp_path):
+    """ZeRO-3 partitions every parameter and gathers a module's own when it runs. A words projector reads the LM's
+    embedding table outside the table's forward, and its writer's attention reads out_proj without calling it:
+    both came out as empty partitions (an IndexError, then a shape error). The soft-words recipe now trains under
+    ZeRO-3, writes what it wrote before it, and its checkpoint reloads with the same projector outputs."""
+    from safetensors.torch import load_file as load
+
+    lora = {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]}
+    encoders = {"projector": "words", "image_width": 8, "audio_width": 8}  # the default writer: autoregressive
+    (tmp_path / "run.py").write_text(WORDS_SCRIPT.format(config=lora, encoders=encoders))
+    ds_json = str(REPO / "configs/deepspeed/zero3.json")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--num_processes", "1", "--main_process_port", str(_free_port()),
+           "--use_deepspeed", "--deepspeed_config_file", ds_json, str(tmp_path / "run.py"), str(tmp_path), ds_json]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probe = load(str(tmp_path / "probe.safetensors"))
+    torch.testing.assert_close(probe["during"], probe["before"])
+    reloaded = moelora.MoELoRAModel.from_pretrained(tied_llama(), tmp_path / "run" / "checkpoint-2").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.encoders.image(probe["probe"]), probe["before"])
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in reloaded.adapter_state_dict().items())
