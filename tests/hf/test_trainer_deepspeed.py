@@ -57,17 +57,22 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("zero", [2, 3])
-def test_trainer_under_deepspeed_needs_no_callback_and_checkpoints_the_adapter(tmp_path, zero):
-    (tmp_path / "run.py").write_text(SCRIPT.format(config=SMORA))
+def _launch(script: str, out: Path, zero: int) -> None:
+    """`script` (argv: out, the DeepSpeed JSON) under `accelerate launch` with ZeRO stage `zero`, one process."""
+    (out / "run.py").write_text(script)
     ds_json = str(REPO / f"configs/deepspeed/zero{zero}.json")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--num_processes", "1", "--main_process_port", str(_free_port()),
-           "--use_deepspeed", "--deepspeed_config_file", ds_json, str(tmp_path / "run.py"), str(tmp_path), ds_json]
+           "--use_deepspeed", "--deepspeed_config_file", ds_json, str(out / "run.py"), str(out), ds_json]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+def test_trainer_under_deepspeed_needs_no_callback_and_checkpoints_the_adapter(tmp_path, zero):
+    _launch(SCRIPT.format(config=SMORA), tmp_path, zero)
     result = json.loads((tmp_path / "result.json").read_text())
     assert "MoELoRACallback" in result["callbacks"]
     assert result["updates"] == 2  # router state once per optimizer step (2 steps x 2 micro-batches)
@@ -130,14 +135,7 @@ def test_soft_words_train_under_zero3_with_the_lm_table_and_attention_weights_ga
 
     lora = {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]}
     encoders = {"projector": "words", "image_width": 8, "audio_width": 8}  # the default writer: autoregressive
-    (tmp_path / "run.py").write_text(WORDS_SCRIPT.format(config=lora, encoders=encoders))
-    ds_json = str(REPO / "configs/deepspeed/zero3.json")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--num_processes", "1", "--main_process_port", str(_free_port()),
-           "--use_deepspeed", "--deepspeed_config_file", ds_json, str(tmp_path / "run.py"), str(tmp_path), ds_json]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _launch(WORDS_SCRIPT.format(config=lora, encoders=encoders), tmp_path, zero=3)
     probe = load(str(tmp_path / "probe.safetensors"))
     torch.testing.assert_close(probe["during"], probe["before"])
     reloaded = moelora.MoELoRAModel.from_pretrained(tied_llama(), tmp_path / "run" / "checkpoint-2").eval()
