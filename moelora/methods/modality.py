@@ -38,6 +38,7 @@ from ..layer import AdapterLayer, kaiming_uniform_
 from ..model import CONFIG_NAME
 from ..model import MoELoRAModel
 from ..multimodal.encoders import AudioEncoder, EncoderConfig, projector
+from ..multimodal.model import bind_words
 from ..ops import rank_activation
 from ..peft_compat import PeftLoRA, model_lora_config, read_lora, read_lora_factors, write_lora_folder
 from ..registry import register_method
@@ -148,6 +149,7 @@ class ModalityLoRAModel(MoELoRAModel):
             new.load_state_dict(old.state_dict(), strict=False)  # the same conv and speech projector
             ref = next(old.parameters())
             encoders.audio = new.to(device=ref.device, dtype=ref.dtype)
+            bind_words(encoders, emb)  # the new encoder's projectors, words ones included, read this LM
         return encoders
 
     @staticmethod

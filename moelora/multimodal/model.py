@@ -198,14 +198,20 @@ def generation_inputs(model, args: tuple, kwargs: dict, sample_labels):
     return args, kwargs, sample_labels
 
 
+def bind_words(encoders: nn.Module, embedding: nn.Module) -> None:
+    """Point every words projector in `encoders` at the LM's input embedding (soft words are mixtures of its
+    rows); a method that replaces an encoder after attach_encoders calls it again."""
+    for module in encoders.modules():
+        if isinstance(module, WordProjector):
+            module.bind(embedding)
+
+
 def attach_encoders(model, cfg: EncoderConfig, pretrained_trained: dict | None = None) -> MediaEncoders:
     """Give `model` (any method's `MoELoRAModel`) image/audio encoders; replaces encoders it had."""
     emb = model.base_model.get_input_embeddings()
     encoders = MediaEncoders(cfg, emb.embedding_dim, float(emb.weight.detach().float().std()), pretrained_trained)
     model.encoders = model.place_adapter(encoders, like=emb.weight)  # trainable: fp32 under a 16-bit LM, as adapters
-    for module in encoders.modules():  # soft words are mixtures of this LM's token embeddings
-        if isinstance(module, WordProjector):
-            module.bind(emb)
+    bind_words(encoders, emb)
     if "_media_hook" not in model.__dict__:
         model._media_hook = model.register_forward_pre_hook(_media_pre_hook, with_kwargs=True)
     # Sharded data parallel (ZeRO-3) gathers a module's weights on every process that runs it, in step: then

@@ -355,3 +355,19 @@ def test_a_words_folder_saved_before_word_writer_loads_with_the_mlp_writer_it_wa
     saved, restored = model.encoders.state_dict(), loaded.encoders.state_dict()
     assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
     assert EncoderConfig().word_writer == "autoregressive"  # what a new run gets
+
+
+def test_modality_routing_pretrains_soft_words_with_its_vision_speech_projector_bound(tmp_path):
+    """Modality routing swaps in Phi-4's audio encoder with a second projector after the encoders are attached;
+    its words projectors must read the LM too (configs/perceive/modality.yaml stopped at pretraining before)."""
+    out = tmp_path / "run"
+    modality = "method={name: modality, vision_r: 2, speech_r: 2, vision_alpha: 4, speech_alpha: 4, target_modules: [q_proj, v_proj]}"
+    train.main([*[a for a in TINY if not a.startswith("method=")], modality, "encoders.projector=words",
+                "encoder_pretraining_steps=2", f"output_dir={out}"])
+    import moelora
+    from moelora.base_models import resolve_base_model
+
+    base, _ = resolve_base_model("tiny-random-llama")
+    model = moelora.MoELoRAModel.from_pretrained(base, out / "adapter")
+    emb = model.base_model.get_input_embeddings()
+    assert model.encoders.audio.proj_vision_speech._embedding is emb and model.encoders.audio.proj._embedding is emb
