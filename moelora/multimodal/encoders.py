@@ -221,13 +221,17 @@ class WordProjector(nn.Module):
         if self.writer != "autoregressive":
             return read(self.queries(features))
         memory = self.mix(features)
-        if said is None:  # greedy, right to left; then one pass over those words, with gradients
+        if said is None:  # greedy, right to left
             said = torch.zeros(features.shape[:2], dtype=torch.long, device=features.device)
             with torch.no_grad():
                 for step in range(self.tokens):
                     position = self.tokens - 1 - step
-                    said[:, position] = read(self._decode(memory, said, first=position))[:, 0].argmax(-1)
-        return read(self._decode(memory, said))
+                    logits = read(self._decode(memory, said, first=position))
+                    said[:, position] = logits[:, 0].argmax(-1)
+            trains = torch.is_grad_enabled() and (memory.requires_grad or any(p.requires_grad for p in self.parameters()))
+            if not trains:  # the last step read every position given the words after it: the final pass, done
+                return logits
+        return read(self._decode(memory, said))  # one pass over the words, with gradients
 
     def _decode(self, memory: torch.Tensor, said: torch.Tensor, first: int = 0) -> torch.Tensor:
         """The autoregressive writer's queries [n, tokens - first, hidden] for positions first..tokens-1, each

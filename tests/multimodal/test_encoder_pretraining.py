@@ -242,6 +242,10 @@ def test_an_autoregressive_writer_reads_only_the_words_after_each_position_and_w
     other[:, 2] = (other[:, 2] + 1) % 4
     moved = (proj.logits(x, other)[..., :4] - greedy).abs().amax(-1)
     assert (moved[:, :2] > 1e-3).all() and (moved[:, 2:] == 0).all()
+    proj.requires_grad_(False)  # frozen (the perceive recipe's stage 2) or under no_grad: the greedy pass's own
+    with torch.no_grad():       # last step is the answer, bit for bit the pass over its words
+        assert torch.equal(proj.logits(x), proj.logits(x, said))
+    proj.requires_grad_(True)
     greedy.sum().backward()  # the written words' logits train the writer (stage 2 with freeze_projectors: false)
     assert proj.previous.weight.grad is not None and proj.slots.grad.abs().sum() > 0
 
