@@ -3,6 +3,7 @@ encoders learn them (held-out), only the feature extractors change, and train.py
 
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -375,3 +376,26 @@ def test_modality_routing_pretrains_soft_words_with_its_vision_speech_projector_
     model = moelora.MoELoRAModel.from_pretrained(base, out / "adapter")
     emb = model.base_model.get_input_embeddings()
     assert model.encoders.audio.proj_vision_speech._embedding is emb and model.encoders.audio.proj._embedding is emb
+
+
+def test_a_soft_words_run_resumes_exactly_without_pretraining_again(tmp_path):
+    """A crashed run with the autoregressive writer, resumed from its step-2 checkpoint, ends where the
+    uninterrupted run ends: the checkpoint holds the pretrained encoders and their vocabulary, so the resumed run
+    does not pretrain them again (it would overwrite them with a fresh draw)."""
+    from moelora.checkpoint import load_tensors
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = [*TINY, "encoders.projector=words", "encoder_pretraining_steps=3", "save_steps=2"]
+    train.main([*common, f"output_dir={straight}"])
+    train.main([*common, f"output_dir={resumed}"])
+    shutil.rmtree(resumed / "adapter")  # as if it crashed after step 2's checkpoint
+    (resumed / "encoder_pretraining.json").unlink()
+    train.main([*common, f"output_dir={resumed}", "resume_from_checkpoint=true"])
+    assert not (resumed / "encoder_pretraining.json").exists()  # resumed: no second pretraining
+    want = load_tensors(straight / "adapter" / "adapter_model.safetensors")
+    got = load_tensors(resumed / "adapter" / "adapter_model.safetensors")
+    assert want.keys() == got.keys() and any(k.startswith("encoders.image.proj.previous") for k in want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+    meta = [json.loads((run / "adapter" / "moelora_config.json").read_text()) for run in (straight, resumed)]
+    assert meta[0]["encoders"] == meta[1]["encoders"]
