@@ -260,23 +260,26 @@ def test_the_encoders_config_names_an_unknown_projector():
         EncoderConfig(projector="words", image_model="some/clip").validate()
 
 
-def test_train_py_pretrains_soft_words_and_reloads_them_bound_to_the_lm(tmp_path):
+@pytest.mark.parametrize("base_name", ["tiny-random-llama", "tiny-random-gpt2"])
+def test_train_py_pretrains_soft_words_and_reloads_them_bound_to_the_lm(base_name, tmp_path):
     """A run with soft words trains, saves and reloads with the same outputs: the loaded projector reads the
-    loaded LM's embeddings."""
+    loaded LM's embeddings (GPT-2's too: its token table is `wte`, beside learned positions)."""
     import moelora
     from moelora.base_models import resolve_base_model
     from tests.multimodal_batches import mixed_batch
 
     out = tmp_path / "run"
-    train.main([*TINY, "encoders.projector=words", "encoder_pretraining_steps=5", f"output_dir={out}"])
+    gpt2 = ["method={name: lora, r: 2, alpha: 4, target_modules: [c_attn]}"] if base_name.endswith("gpt2") else []
+    train.main([*TINY, *gpt2, f"base_model={base_name}", "encoders.projector=words", "encoder_pretraining_steps=5",
+                f"output_dir={out}"])
     assert set(json.loads((out / "encoder_pretraining.json").read_text())) == {"image", "audio"}
-    base, tok = resolve_base_model("tiny-random-llama")
+    base, tok = resolve_base_model(base_name)
     model = moelora.MoELoRAModel.from_pretrained(base, out / "adapter").eval()
     assert model.encoders.image.proj._embedding is model.base_model.get_input_embeddings()
     batch = mixed_batch(model, tok, labels=False)
     with torch.no_grad():
         first = model(**batch).logits
-        again = moelora.MoELoRAModel.from_pretrained(resolve_base_model("tiny-random-llama")[0], out / "adapter").eval()
+        again = moelora.MoELoRAModel.from_pretrained(resolve_base_model(base_name)[0], out / "adapter").eval()
         assert torch.equal(again(**batch).logits, first)
 
 
