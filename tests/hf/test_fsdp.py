@@ -53,13 +53,19 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_fsdp2_two_cpu_processes_train_and_save_full_adapter(tmp_path):
-    (tmp_path / "run.py").write_text(SCRIPT.format(config=CONFIG))
+def _torchrun(script: str, tmp_path):
+    """Runs `script` in 2 CPU processes (gloo); its argv[1] is where it saves the adapter."""
+    (tmp_path / "run.py").write_text(script)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            str(tmp_path / "run.py"), str(tmp_path / "adapter")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_fsdp2_two_cpu_processes_train_and_save_full_adapter(tmp_path):
+    _torchrun(SCRIPT.format(config=CONFIG), tmp_path)
 
     # one process, the joint batch of 4 rows: the same gradient (equal token counts) and the same load counts
     torch.manual_seed(0)
@@ -78,3 +84,71 @@ def test_fsdp2_two_cpu_processes_train_and_save_full_adapter(tmp_path):
         assert got[key].shape == want[key].shape  # full tensors, not one process's shard
         torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-4)
     assert any(k.endswith(".bias") and got[k].abs().max() > 0 for k in got)  # SMoRA's beta moved, in step
+
+
+WORDS = dict(projector="words", image_width=8, audio_width=8)  # the default writer: autoregressive
+LORA = {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]}
+WORDS_SCRIPT = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    import moelora
+    from moelora.base_models import resolve_base_model
+    from moelora.multimodal import EncoderConfig
+    from tests.hf.test_fsdp import soft_words_model
+    from tests.multimodal_batches import mixed_batch
+    dist.init_process_group("gloo")
+    model, tokenizer = soft_words_model()
+    batch = mixed_batch(model, tokenizer, labels=True)  # the same batch on both: the mean gradient is its gradient
+    for layer in model.base_model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)  # the token table too: the words projectors read it outside its own forward
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.5)
+    model.train()
+    for _ in range(2):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with model.gathered_adapter():
+        if dist.get_rank() == 0:
+            model.save_pretrained(sys.argv[1])
+    dist.destroy_process_group()
+""")
+
+
+def soft_words_model():
+    """A tiny Llama with soft-words encoders whose projectors may write 20 of its tokens (as after pretraining)."""
+    from moelora.multimodal import EncoderConfig
+
+    torch.manual_seed(0)
+    base, tokenizer = resolve_base_model("tiny-random-llama")
+    model = moelora.get_moelora_model(base, LORA, encoders=EncoderConfig(**WORDS))
+    for encoder in (model.encoders.image, model.encoders.audio):
+        encoder.proj.set_vocabulary(list(range(10, 30)))
+    return model, tokenizer
+
+
+@pytest.mark.slow
+def test_fsdp2_trains_soft_words_like_one_process(tmp_path):
+    """Under FSDP2 the LM's token table is a sharded DTensor that the words projectors read outside the table's
+    forward (the case that broke under ZeRO-3). Two processes on one batch train adapters and encoders exactly as
+    one process does (SGD: Adam would turn the ~0 gradient of attention's key bias into rounding-sized steps)."""
+    from tests.multimodal_batches import mixed_batch
+
+    _torchrun(WORDS_SCRIPT, tmp_path)
+    model, tokenizer = soft_words_model()
+    start = {k: v.clone() for k, v in model.adapter_state_dict().items()}
+    batch = mixed_batch(model, tokenizer, labels=True)
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.5)
+    model.train()
+    for _ in range(2):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    saved = moelora.MoELoRAModel.from_pretrained(resolve_base_model("tiny-random-llama")[0], tmp_path / "adapter")
+    want, got = model.adapter_state_dict(), saved.adapter_state_dict()
+    assert want.keys() == got.keys() and any(k.startswith("encoders.image.proj.previous") for k in want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-4, msg=key)
+    moved = [k for k in want if not torch.equal(want[k], start[k])]  # it trained: encoders, writer and adapters
+    for part in ("encoders.image.", "encoders.audio.", "encoders.image.proj.previous", "lora_B"):
+        assert any(part in k for k in moved), part
