@@ -91,10 +91,7 @@ LORA = {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]}
 WORDS_SCRIPT = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
-    import moelora
-    from moelora.base_models import resolve_base_model
-    from moelora.multimodal import EncoderConfig
-    from tests.hf.test_fsdp import soft_words_model
+    from tests.hf.test_fsdp import soft_words_model, two_sgd_steps
     from tests.multimodal_batches import mixed_batch
     dist.init_process_group("gloo")
     model, tokenizer = soft_words_model()
@@ -102,12 +99,7 @@ WORDS_SCRIPT = textwrap.dedent("""
     for layer in model.base_model.model.layers:
         fully_shard(layer)
     fully_shard(model)  # the token table too: the words projectors read it outside its own forward
-    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.5)
-    model.train()
-    for _ in range(2):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    two_sgd_steps(model, batch)
     with model.gathered_adapter():
         if dist.get_rank() == 0:
             model.save_pretrained(sys.argv[1])
@@ -127,6 +119,16 @@ def soft_words_model():
     return model, tokenizer
 
 
+def two_sgd_steps(model, batch):
+    """What each side of the comparison trains (SGD: Adam would amplify rounding, see the test below)."""
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.5)
+    model.train()
+    for _ in range(2):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
 @pytest.mark.slow
 def test_fsdp2_trains_soft_words_like_one_process(tmp_path):
     """Under FSDP2 the LM's token table is a sharded DTensor that the words projectors read outside the table's
@@ -137,13 +139,7 @@ def test_fsdp2_trains_soft_words_like_one_process(tmp_path):
     _torchrun(WORDS_SCRIPT, tmp_path)
     model, tokenizer = soft_words_model()
     start = {k: v.clone() for k, v in model.adapter_state_dict().items()}
-    batch = mixed_batch(model, tokenizer, labels=True)
-    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.5)
-    model.train()
-    for _ in range(2):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    two_sgd_steps(model, mixed_batch(model, tokenizer, labels=True))
     saved = moelora.MoELoRAModel.from_pretrained(resolve_base_model("tiny-random-llama")[0], tmp_path / "adapter")
     want, got = model.adapter_state_dict(), saved.adapter_state_dict()
     assert want.keys() == got.keys() and any(k.startswith("encoders.image.proj.previous") for k in want)
