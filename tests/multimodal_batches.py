@@ -41,3 +41,22 @@ def base_inputs(model, batch) -> dict:
     with torch.no_grad():
         embeds = model.encoders.embed(model, batch["input_ids"], batch["media_mask"], batch.get("images"), batch.get("audio"))
     return {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"]}
+
+
+def soft_words_model(frozen_encoders: bool = False):
+    """(model, tokenizer): a tiny Llama, LoRA on q, v, soft-words encoders (the default, autoregressive writer)
+    whose projectors may write 20 of its tokens, as after encoder pretraining; `frozen_encoders` as the
+    perceive recipe's LM stage."""
+    import moelora
+    from moelora.base_models import resolve_base_model
+    from moelora.multimodal import EncoderConfig
+
+    torch.manual_seed(0)
+    base, tokenizer = resolve_base_model("tiny-random-llama")
+    model = moelora.get_moelora_model(base, {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+                                      encoders=EncoderConfig(projector="words", image_width=8, audio_width=8))
+    for encoder in (model.encoders.image, model.encoders.audio):
+        encoder.proj.set_vocabulary(list(range(10, 30)))
+    if frozen_encoders:
+        model.encoders.requires_grad_(False)
+    return model, tokenizer

@@ -104,3 +104,25 @@ def test_smora_router_update_after_compiled_steps_equals_eager(batch):
     assert any(b.abs().sum() > 0 for b in results[0].values())
     for name in results[0]:
         torch.testing.assert_close(results[1][name], results[0][name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["encoders-trained", "encoders-frozen"])
+def test_soft_words_compile_to_one_graph_equal_to_eager(frozen):
+    """The autoregressive writer decodes greedily inside the forward (16 steps under no_grad, argmax); compiled,
+    the whole call is still one graph and trains as eager, with the encoders trained and frozen (the perceive
+    recipe's LM stage)."""
+    from tests.multimodal_batches import mixed_batch, soft_words_model
+
+    eager, tokenizer = soft_words_model(frozen)
+    eager.train()
+    inputs = mixed_batch(eager, tokenizer)
+    want = _step(eager, inputs, eager)
+    model, _ = soft_words_model(frozen)
+    model.train()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda **kw: model(**kw))(**inputs, labels=inputs["input_ids"])
+    assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+    model.zero_grad()
+    torch._dynamo.reset()
+    _assert_same(_step(model, inputs, torch.compile(model, backend="aot_eager", fullgraph=True)), want)
+    assert any(p.grad is not None for p in model.encoders.parameters()) != frozen

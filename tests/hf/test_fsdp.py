@@ -86,13 +86,11 @@ def test_fsdp2_two_cpu_processes_train_and_save_full_adapter(tmp_path):
     assert any(k.endswith(".bias") and got[k].abs().max() > 0 for k in got)  # SMoRA's beta moved, in step
 
 
-WORDS = dict(projector="words", image_width=8, audio_width=8)  # the default writer: autoregressive
-LORA = {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]}
 WORDS_SCRIPT = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
-    from tests.hf.test_fsdp import soft_words_model, two_sgd_steps
-    from tests.multimodal_batches import mixed_batch
+    from tests.hf.test_fsdp import two_sgd_steps
+    from tests.multimodal_batches import mixed_batch, soft_words_model
     dist.init_process_group("gloo")
     model, tokenizer = soft_words_model()
     batch = mixed_batch(model, tokenizer, labels=True)  # the same batch on both: the mean gradient is its gradient
@@ -105,18 +103,6 @@ WORDS_SCRIPT = textwrap.dedent("""
             model.save_pretrained(sys.argv[1])
     dist.destroy_process_group()
 """)
-
-
-def soft_words_model():
-    """A tiny Llama with soft-words encoders whose projectors may write 20 of its tokens (as after pretraining)."""
-    from moelora.multimodal import EncoderConfig
-
-    torch.manual_seed(0)
-    base, tokenizer = resolve_base_model("tiny-random-llama")
-    model = moelora.get_moelora_model(base, LORA, encoders=EncoderConfig(**WORDS))
-    for encoder in (model.encoders.image, model.encoders.audio):
-        encoder.proj.set_vocabulary(list(range(10, 30)))
-    return model, tokenizer
 
 
 def two_sgd_steps(model, batch):
@@ -134,7 +120,7 @@ def test_fsdp2_trains_soft_words_like_one_process(tmp_path):
     """Under FSDP2 the LM's token table is a sharded DTensor that the words projectors read outside the table's
     forward (the case that broke under ZeRO-3). Two processes on one batch train adapters and encoders exactly as
     one process does (SGD: Adam would turn the ~0 gradient of attention's key bias into rounding-sized steps)."""
-    from tests.multimodal_batches import mixed_batch
+    from tests.multimodal_batches import mixed_batch, soft_words_model
 
     _torchrun(WORDS_SCRIPT, tmp_path)
     model, tokenizer = soft_words_model()
