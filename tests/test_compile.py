@@ -120,9 +120,6 @@ def test_soft_words_compile_to_one_graph_equal_to_eager(frozen):
     model, _ = soft_words_model(frozen)
     model.train()
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(lambda **kw: model(**kw))(**inputs, labels=inputs["input_ids"])
-    assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
-    model.zero_grad()
-    torch._dynamo.reset()
-    _assert_same(_step(model, inputs, torch.compile(model, backend="aot_eager", fullgraph=True)), want)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # a graph break would raise
+    _assert_same(_step(model, inputs, compiled), want)
     assert any(p.grad is not None for p in model.encoders.parameters()) != frozen
