@@ -107,10 +107,10 @@ def test_smora_router_update_after_compiled_steps_equals_eager(batch):
 
 
 @pytest.mark.parametrize("frozen", [False, True], ids=["encoders-trained", "encoders-frozen"])
-def test_soft_words_compile_to_one_graph_equal_to_eager(frozen):
-    """The autoregressive writer decodes greedily inside the forward (16 steps under no_grad, argmax); compiled,
-    the whole call is still one graph and trains as eager, with the encoders trained and frozen (the perceive
-    recipe's LM stage)."""
+def test_soft_words_compile_without_graph_breaks_and_equal_eager(frozen):
+    """The autoregressive writer decodes greedily inside the forward (16 steps under no_grad, argmax); compiled
+    with fullgraph=True, the encoders' hook and the forward still trace without a break (two graphs, as every model
+    with encoders) and train as eager, with the encoders trained and frozen (the perceive recipe's LM stage)."""
     from tests.multimodal_batches import mixed_batch, soft_words_model
 
     eager, tokenizer = soft_words_model(frozen)
