@@ -1,9 +1,6 @@
 """evaluate.py: per-task results and predictions, comparison across models, routing plots, processes."""
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,8 +10,8 @@ from moelora.base_models import resolve_base_model
 from moelora.model import get_moelora_model
 from moelora.multimodal.encoders import EncoderConfig
 from tests.conftest import randomize_adapters
+from tests.processes import REPO, accelerate_launch, run
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import evaluate  # noqa: E402
 
@@ -114,22 +111,12 @@ def test_two_models_with_one_name_are_refused(checkpoints, tmp_path, capsys):
     assert "two models would share a name" in capsys.readouterr().err
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_give_the_one_process_results(checkpoints, tmp_path):
     args = ["--checkpoint", str(checkpoints["smora"]), "--tasks", "add", "sort_asc", "multiply",
             "--limit-per-task", "3", "--no-plots"]
     one = evaluate.main([*args, "--out", str(tmp_path / "one")])
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--num_processes", "2", "--multi_gpu", "--main_process_port", str(_free_port()),
-           str(REPO / "evaluate.py"), *args, "--out", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run(accelerate_launch(2, REPO / "evaluate.py", *args, "--out", tmp_path / "two"), one_thread=False)
     two = json.loads((tmp_path / "two" / "comparison.json").read_text())["models"]
     for name in one:
         assert two[name]["per_task"] == one[name]["per_task"]

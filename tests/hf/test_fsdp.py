@@ -6,18 +6,14 @@ processes are started with torchrun and shard with fully_shard per decoder layer
 asks accelerate to do on GPUs.
 """
 
-import os
-import socket
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 import moelora
 from moelora.base_models import resolve_base_model
+from tests.processes import run, torchrun
 
 CONFIG = {"name": "smora", "r": 8, "k": 2, "bias_update_rate": 0.1}
 SCRIPT = textwrap.dedent("""
@@ -48,23 +44,10 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(script: str, tmp_path):
     """Runs `script` in 2 CPU processes (gloo); its argv[1] is where it saves the adapter."""
     (tmp_path / "run.py").write_text(script)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(tmp_path / "run.py"), str(tmp_path / "adapter")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # the scripts import tests.*
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run(torchrun(2, tmp_path / "run.py", tmp_path / "adapter"))
 
 
 @pytest.mark.slow

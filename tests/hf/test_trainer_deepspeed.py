@@ -8,10 +8,6 @@ embeddings included, which safetensors refuses). Trainer's resume through DeepSp
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -21,9 +17,9 @@ from safetensors.torch import load_file
 
 import moelora
 from tests.hf.test_trainer import tied_llama
+from tests.processes import REPO, accelerate_launch, run
 
 pytest.importorskip("deepspeed")
-REPO = Path(__file__).resolve().parents[2]
 SMORA = {"name": "smora", "r": 8, "k": 2, "alpha": 4}
 SCRIPT = textwrap.dedent("""
     import json, sys, torch
@@ -51,22 +47,11 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(script: str, out: Path, zero: int) -> None:
     """`script` (argv: out, the DeepSpeed JSON) under `accelerate launch` with ZeRO stage `zero`, one process."""
     (out / "run.py").write_text(script)
     ds_json = str(REPO / f"configs/deepspeed/zero{zero}.json")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--num_processes", "1", "--main_process_port", str(_free_port()),
-           "--use_deepspeed", "--deepspeed_config_file", ds_json, str(out / "run.py"), str(out), ds_json]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run(accelerate_launch(1, out / "run.py", out, ds_json, deepspeed_json=ds_json))
 
 
 @pytest.mark.slow

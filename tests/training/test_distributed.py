@@ -8,43 +8,25 @@ differences of a different summation order into ~1e-4 changes on near-zero gradi
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file
 
 from tests.method_cases import TEXT_METHODS as SHARED_TEXT_METHODS
 from tests.method_cases import method_override
-from tests.training.test_train_cli import REPO
+from tests.processes import REPO, accelerate_launch, run
 
 ARGS = ["base_model=tiny-random-llama", "max_steps=4", "data.tasks=[add, sort_asc]", "data.n_train_per_task=40",
         "data.n_eval_per_task=0", "eval_before_training=false", "report_to=[jsonl]", "logging_steps=1",
         "learning_rate=1e-2", "method={name: smora, r: 8, k: 2, bias_update_rate: 1.0}"]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(out, processes, *extra, zero=None):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--num_processes", str(processes), "--main_process_port", str(_free_port())]
-    if zero is not None:
-        ds_json = str(REPO / f"configs/deepspeed/zero{zero}.json")
-        cmd += ["--use_deepspeed", "--deepspeed_config_file", ds_json]
+    ds_json = None if zero is None else str(REPO / f"configs/deepspeed/zero{zero}.json")
+    if ds_json is not None:
         extra = (*extra, f"deepspeed={ds_json}")
-    elif processes > 1:
-        cmd.append("--multi_gpu")  # with Accelerator(cpu=True) in train.py: 2 CPU processes over gloo
-    cmd += [str(REPO / "train.py"), *ARGS, f"output_dir={out}", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return run(accelerate_launch(processes, REPO / "train.py", *ARGS, f"output_dir={out}", *extra,
+                                 deepspeed_json=ds_json))
 
 
 def _log(out):

@@ -23,6 +23,7 @@ from moelora.base_models import resolve_base_model
 from moelora.errors import ConfigError
 from moelora.training.output_dir import LOCK_NAME, RunLock
 from moelora.training.state import list_checkpoints
+from tests.processes import accelerate_launch, run
 from tests.training.test_train_cli import REPO, SMORA, TINY, _log, _run, train
 
 QUIET = ["eval_before_training=false", "data.n_eval_per_task=0"]
@@ -260,16 +261,13 @@ def test_final_loss_does_not_depend_on_where_the_run_resumed(tmp_path):
 
 @pytest.mark.slow
 def test_with_two_processes_the_main_one_holds_the_lock_and_a_refusal_stops_both(tmp_path):
-    from tests.training.test_distributed import ARGS, _free_port
+    from tests.training.test_distributed import ARGS
 
     out = tmp_path / "run"
 
     def launch(*extra):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--num_processes", "2", "--main_process_port", str(_free_port()),
-               "--multi_gpu", str(REPO / "train.py"), *ARGS, f"output_dir={out}", "max_steps=2", *extra]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        cmd = accelerate_launch(2, REPO / "train.py", *ARGS, f"output_dir={out}", "max_steps=2", *extra)
+        return run(cmd, timeout=300, check=False)
 
     out.mkdir()
     held = RunLock(out / LOCK_NAME)  # this test's own (live) process holds the folder
