@@ -22,8 +22,9 @@ ARGS = ["base_model=tiny-random-llama", "max_steps=4", "data.tasks=[add, sort_as
 
 
 def launch(out, processes, *extra, zero=None):
-    ds_json = None if zero is None else str(REPO / f"configs/deepspeed/zero{zero}.json")
-    if ds_json is not None:
+    ds_json = None
+    if zero is not None:  # the launcher and train.py read the same DeepSpeed JSON
+        ds_json = str(REPO / f"configs/deepspeed/zero{zero}.json")
         extra = (*extra, f"deepspeed={ds_json}")
     return run(accelerate_launch(processes, REPO / "train.py", *ARGS, f"output_dir={out}", *extra,
                                  deepspeed_json=ds_json))
