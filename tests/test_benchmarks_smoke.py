@@ -3,11 +3,10 @@ Timings here mean nothing; benchmarks/RESULTS.md holds the real runs."""
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.processes import REPO
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 

@@ -2,14 +2,13 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import moelora
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.processes import REPO
 
 
 @pytest.mark.integration

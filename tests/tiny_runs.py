@@ -2,9 +2,8 @@
 that moves a few steps visibly, then the text or the multimodal data. Each test adds what it is about."""
 
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.processes import REPO
 sys.path.insert(0, str(REPO))
 import train  # noqa: E402,F401  (train.py at the repository root: the tests call train.main / train.cli)
 

@@ -1,7 +1,6 @@
 """Which data a run trains on: user files replace the built-in suite unless both are asked for; task optional."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -10,7 +9,7 @@ from moelora.training.examples import load_examples
 from moelora.training.run_config import load_run_config
 
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.processes import REPO
 SMALL = ["data.n_train_per_task=3", "data.n_eval_per_task=2"]
 
 

@@ -3,9 +3,8 @@
 import json
 import math
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.processes import REPO
 sys.path.insert(0, str(REPO))
 import train  # noqa: E402
 

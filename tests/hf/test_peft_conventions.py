@@ -1,6 +1,5 @@
 """PEFT's conventions: its key names in configs, exports that AutoPeftModelForCausalLM loads, the zoo in PEFT format."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from moelora.base_models import resolve_base_model
 from tests.conftest import randomize_adapters
 
 peft = pytest.importorskip("peft")
-REPO = Path(__file__).resolve().parents[2]
+from tests.processes import REPO
 
 
 def _logits(model, batch):

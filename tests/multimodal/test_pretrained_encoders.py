@@ -18,7 +18,7 @@ from moelora.multimodal import EncoderConfig
 from moelora.multimodal.pretrained import CLIP_MEAN, PretrainedImageEncoder
 from tests.multimodal_batches import mixed_batch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.processes import REPO
 sys.path.insert(0, str(REPO))
 import train  # noqa: E402
 

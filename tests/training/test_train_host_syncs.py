@@ -2,9 +2,8 @@
 optimizer step, with the step's flags (on a GPU each read per micro-batch stopped the host until the queue drained)."""
 
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.processes import REPO
 sys.path.insert(0, str(REPO / "benchmarks"))
 from host_ops import train_loop_syncs  # noqa: E402
 
