@@ -1,7 +1,9 @@
-"""Starting scripts in several CPU processes for the distributed tests: `accelerate launch` and torchrun over gloo.
+"""Where the repository is, and starting scripts in several CPU processes for the distributed tests: `accelerate
+launch` and torchrun over gloo.
 
 One place for the command lines, so every launching test runs its processes the same way (free port, no mixed
-precision, no dynamo, one machine) and a script started this way can import `tests.*`.
+precision, no dynamo, one machine) and a script started this way can import `tests.*`; and one REPO for every test
+that reads the repository's scripts, configs or cards.
 """
 
 import os

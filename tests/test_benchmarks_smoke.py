@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from tests.processes import REPO
+
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import moelora
-
 from tests.processes import REPO
 
 

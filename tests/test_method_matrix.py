@@ -7,7 +7,6 @@ The rows (one small config per method, and the inputs of rows that need more tha
 import json
 import subprocess
 import sys
-from pathlib import Path
 import textwrap
 
 import pytest
@@ -17,6 +16,7 @@ import moelora
 from moelora.base_models import resolve_base_model
 from tests.conftest import randomize_adapters
 from tests.method_cases import METHOD_CASES, ROW_INPUTS  # noqa: F401  (ROW_INPUTS: also read by gpu_checks)
+from tests.processes import REPO
 
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 SAVED_FILES = ["adapter_model.safetensors", "manifest.json", "moelora_config.json"]
@@ -182,7 +182,7 @@ def test_adapted_layers_never_make_the_host_wait(method, batch):
     """No op in a training forward+backward (and router update) whose result the host must read (item, bool,
     equal, bincount, boolean-mask indexing): on a GPU each stalls kernel issue, here once per adapted layer.
     Only the model's own input checks may, a fixed few per step however many layers are adapted."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(REPO / "benchmarks"))
     from host_ops import HostOpCounter
 
     from moelora.layer import AdapterLayer

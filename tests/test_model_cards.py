@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from tests.processes import REPO
+
 CARDS = sorted(p.parent for p in (REPO / "model_cards").glob("*/manifest.json"))
 RELEASED = {"lora-8", "lora-64", "smora-64-8", "lora-mixer", "xlora", "mixlora", "modality", "lora-16-multimodal"}
 SLICE = 6

@@ -4,15 +4,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import moelora
 from moelora.base_models import resolve_base_model
+from tests.processes import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["add", "sort_asc"]
 
 
@@ -23,7 +22,7 @@ def test_recipe_trains_experts_then_routers_over_them(tmp_path):
                EXTRA="eval_before_training=false data.n_train_per_task=8 data.n_eval_per_task=2 "
                      "per_device_train_batch_size=4 per_device_eval_batch_size=4 eval_max_new_tokens=2 "
                      "report_to=[jsonl] logging_steps=1 save_steps=0")
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "recipe_experts.sh")], env=env, capture_output=True,
+    done = subprocess.run(["bash", str(REPO / "scripts" / "recipe_experts.sh")], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 

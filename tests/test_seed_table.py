@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.processes import REPO
+
 spec = importlib.util.spec_from_file_location("seed_table", REPO / "scripts" / "seed_table.py")
 seed_table = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(seed_table)

@@ -4,6 +4,7 @@ that moves a few steps visibly, then the text or the multimodal data. Each test 
 import sys
 
 from tests.processes import REPO
+
 sys.path.insert(0, str(REPO))
 import train  # noqa: E402,F401  (train.py at the repository root: the tests call train.main / train.cli)
 

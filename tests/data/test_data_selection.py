@@ -7,9 +7,8 @@ import pytest
 from moelora.errors import DataError
 from moelora.training.examples import load_examples
 from moelora.training.run_config import load_run_config
-
-
 from tests.processes import REPO
+
 SMALL = ["data.n_train_per_task=3", "data.n_eval_per_task=2"]
 
 

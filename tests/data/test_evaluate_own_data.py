@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.processes import REPO
+
 sys.path.insert(0, str(REPO))
 import evaluate  # noqa: E402
 import train  # noqa: E402

@@ -5,6 +5,7 @@ import math
 import sys
 
 from tests.processes import REPO
+
 sys.path.insert(0, str(REPO))
 import train  # noqa: E402
 

@@ -1,15 +1,14 @@
 """PEFT's conventions: its key names in configs, exports that AutoPeftModelForCausalLM loads, the zoo in PEFT format."""
 
-
 import pytest
 import torch
 
 import moelora
 from moelora.base_models import resolve_base_model
 from tests.conftest import randomize_adapters
+from tests.processes import REPO
 
 peft = pytest.importorskip("peft")
-from tests.processes import REPO
 
 
 def _logits(model, batch):

@@ -8,6 +8,7 @@ import moelora
 from moelora.layer import LayerSite, RoutingContext
 from moelora.methods.smora import SMoRALayer
 from tests.conftest import randomize_adapters
+from tests.processes import REPO
 
 
 def _layer(gate_fn="sigmoid_norm", bias_in_gate=True, r=8, k=3, alpha=6.0):
@@ -232,12 +233,10 @@ def test_block_size_must_divide_r_and_k_counts_experts():
 def test_the_papers_table_runs_from_configs():
     """configs/ablation/: LoRA-8, LoRA-64, MoE-LoRA 8 x r8 top-1/top-2 and SMoRA-64/8 build, with the total and
     activated ranks the comparison holds equal, and the same per-rank scale 2."""
-    from pathlib import Path
-
     from moelora.base_models import resolve_base_model
     from moelora.training.run_config import load_run_config
 
-    folder = Path(__file__).resolve().parents[2] / "configs" / "ablation"
+    folder = REPO / "configs" / "ablation"
     want = {"lora8": (8, 8), "lora64": (64, 64), "moe_lora_8x8_top1": (64, 8), "moe_lora_8x8_top2": (64, 16),
             "smora64_8": (64, 8)}
     assert sorted(p.stem for p in folder.glob("*.yaml")) == sorted(want)

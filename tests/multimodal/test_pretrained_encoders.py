@@ -17,8 +17,8 @@ from moelora.model import MoELoRAModel
 from moelora.multimodal import EncoderConfig
 from moelora.multimodal.pretrained import CLIP_MEAN, PretrainedImageEncoder
 from tests.multimodal_batches import mixed_batch
-
 from tests.processes import REPO
+
 sys.path.insert(0, str(REPO))
 import train  # noqa: E402
 

@@ -4,14 +4,14 @@ kind of the shape its question names; scripts/probe_encoder_kind.py labels every
 import importlib.util
 import random
 import sys
-from pathlib import Path
 
 import torch
 
 from moelora.data import images
 from moelora.data.multimodal import build_multimodal_suite
+from tests.processes import REPO
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+SCRIPTS = REPO / "scripts"
 
 
 def _script(name: str):

@@ -23,8 +23,8 @@ from moelora.base_models import resolve_base_model
 from moelora.errors import ConfigError
 from moelora.training.output_dir import LOCK_NAME, RunLock
 from moelora.training.state import list_checkpoints
-from tests.processes import accelerate_launch, run
-from tests.training.test_train_cli import REPO, SMORA, TINY, _log, _run, train
+from tests.processes import REPO, accelerate_launch, run
+from tests.training.test_train_cli import SMORA, TINY, _log, _run, train
 
 QUIET = ["eval_before_training=false", "data.n_eval_per_task=0"]
 LORA = "method={name: lora, r: 4, alpha: 8}"

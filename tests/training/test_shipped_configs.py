@@ -7,8 +7,8 @@ import pytest
 
 from moelora.errors import ConfigError
 from moelora.training.run_config import load_run_config
-
 from tests.processes import REPO
+
 SHIPPED = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml")
                  if "accelerate" not in p.parts)  # accelerate's own launch configs are not run configs
 

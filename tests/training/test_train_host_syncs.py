@@ -4,6 +4,7 @@ optimizer step, with the step's flags (on a GPU each read per micro-batch stoppe
 import sys
 
 from tests.processes import REPO
+
 sys.path.insert(0, str(REPO / "benchmarks"))
 from host_ops import train_loop_syncs  # noqa: E402
 
